@@ -1,0 +1,42 @@
+"""The Hydra app behind ``python -m ncsweep``: finds conf/, checks the command line, runs a job."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ncsweep.config import ConfigError, check_overrides, register_resolvers
+
+register_resolvers()
+
+
+def conf_dir() -> Path:
+    """conf/ shipped inside the package (a wheel) or at the repository root (a checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise SystemExit(f"ncsweep: error: no conf/config.yaml beside {here} or in the repository")
+
+
+def task(cfg) -> dict:
+    """One job; imported lazily so that config errors never wait for torch."""
+    from ncsweep.jobs import run_job
+
+    return run_job(cfg)
+
+
+def main() -> None:
+    """Entry point: one-line errors for bad group choices and dims, then Hydra."""
+    import hydra
+
+    conf = conf_dir()
+    args = sys.argv[1:]
+    try:
+        check_overrides(args, conf)
+    except ConfigError as err:
+        print(f"ncsweep: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if any(a in ("--cfg", "-c") for a in args) and "--resolve" not in args:
+        sys.argv.append("--resolve")
+    hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(task)()

@@ -1,0 +1,60 @@
+"""Instantiate a run's parts from its config: data, network (backbone + head), loss, optimiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from ncsweep.data import DataBundle
+from ncsweep.models import Network
+from ncsweep.tracking import WandbMirror
+from ncsweep.training import Trainer, count_parameters
+
+
+@dataclass
+class Run:
+    """Everything a job trains and measures."""
+
+    data: DataBundle | None
+    model: Network
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainer: Trainer
+    logger: WandbMirror
+
+    def describe(self) -> dict:
+        """Static facts for the summary: parameter counts, device, data info."""
+        total, trainable = count_parameters(self.model)
+        info = dict(self.data.info) if self.data is not None else {}
+        return {"params_total": total, "params_trainable": trainable,
+                "device": str(self.trainer.device), **info}
+
+    def final_checks(self, final: dict) -> dict:
+        """Model-specific end-of-run checks (the UFM's landscape probe); empty otherwise."""
+        check = getattr(self.model.backbone, "final_checks", None)
+        return check(self.model.head, self.loss, final) if check is not None else {}
+
+
+def build_run(cfg: DictConfig, plain: dict, read_data: bool = True) -> Run:
+    """Build in a fixed order after seeding, so that a seed fixes every initial weight."""
+    trainer: Trainer = instantiate(cfg.trainer)
+    trainer.seed_everything(plain["seed"])
+    data = instantiate(cfg.dataset).to(trainer.device) if read_data else None
+    num_classes = plain["dataset"]["num_classes"]
+    input_shape = tuple(plain["dataset"]["input_shape"])
+    dim = plain["feature_dim"]
+    backbone = instantiate(cfg.arch, input_shape=input_shape, feature_dim=dim)
+    head = instantiate(cfg.head, num_classes=num_classes, feature_dim=dim)
+    dtype = getattr(backbone, "dtype", torch.float32)
+    model = Network(backbone, head).to(device=trainer.device, dtype=dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = instantiate(cfg.optim)(params)
+    scheduler = instantiate(cfg.schedule)(optimizer, epochs=plain["trainer"]["epochs"])
+    return Run(data, model, instantiate(cfg.loss), optimizer, scheduler, trainer,
+               instantiate(cfg.logger))

@@ -1,0 +1,190 @@
+"""Config resolution and validation: ``dim=K``-style feature dimensions, run keys, one-line errors.
+
+Imports nothing heavy, so ``--help``, ``--cfg`` and config errors never pay for torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+DIM_PATTERN = re.compile(r"^\s*(?:(\d+)\s*\*?\s*)?K\s*(?:([+-])\s*(\d+))?\s*$")
+DIM_ALLOWED = "a positive integer or a K-expression such as K, K-1, K+1, 2K"
+RESUME_CHOICES = ("auto", "never", "must")
+NONFINITE_CHOICES = ("fail", "ignore")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+RUN_KEY_MAX = 96
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+def resolve_dim(value: Any, num_classes: int) -> int:
+    """Turn ``dim`` (an int, ``K``, ``K-1``, ``2K``, ...) into the feature dimension d >= 1."""
+    if isinstance(value, bool):
+        raise ConfigError("dim", value, DIM_ALLOWED)
+    if isinstance(value, int):
+        dim = value
+    else:
+        text = str(value).strip()
+        if text.isdigit():
+            dim = int(text)
+        else:
+            match = DIM_PATTERN.match(text)
+            if match is None:
+                raise ConfigError("dim", value, DIM_ALLOWED)
+            factor, sign, offset = match.groups()
+            dim = int(factor or 1) * int(num_classes)
+            if sign:
+                dim += int(offset) if sign == "+" else -int(offset)
+    if dim < 1:
+        raise ConfigError("dim", value, f"{DIM_ALLOWED} (it resolves to {dim} at K={num_classes})")
+    return dim
+
+
+def check_dim_syntax(value: str) -> None:
+    """Reject a ``dim`` override that no K could make valid, before anything is composed."""
+    if value.strip().lstrip("-").isdigit():
+        if int(value) < 1:
+            raise ConfigError("dim", value, DIM_ALLOWED)
+        return
+    if DIM_PATTERN.match(value) is None:
+        raise ConfigError("dim", value, DIM_ALLOWED)
+
+
+def run_key(override_dirname: str) -> str:
+    """A filesystem- and W&B-safe name for a job, derived from its overrides."""
+    if not override_dirname:
+        return "default"
+    safe = _UNSAFE.sub("_", override_dirname).strip("._")
+    if len(safe) <= RUN_KEY_MAX and safe == override_dirname:
+        return safe
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return f"{safe[: RUN_KEY_MAX - 9]}-{digest}"
+
+
+def register_resolvers() -> None:
+    """Register the ``ncsweep.*`` interpolations used by conf/ (idempotent)."""
+    for name, fn in (("ncsweep.dim", resolve_dim), ("ncsweep.key", run_key)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def _positive(cfg: Mapping, key: str, allow_zero: bool = False) -> None:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return
+        node = node[part]
+    bad = isinstance(node, bool) or not isinstance(node, (int, float)) or node < 0
+    if bad or (node == 0 and not allow_zero):
+        allowed = "a number >= 0" if allow_zero else "a number > 0"
+        raise ConfigError(key, node, allowed)
+
+
+def _choice(cfg: Mapping, key: str, choices: tuple[str, ...]) -> None:
+    section, _, leaf = key.rpartition(".")
+    node = cfg.get(section, {}) if section else cfg
+    if leaf in node and node[leaf] not in choices:
+        raise ConfigError(key, node[leaf], "one of " + ", ".join(choices))
+
+
+def validate(cfg: Any) -> dict:
+    """Resolve the whole config and check it; returns it as a plain dict or raises ConfigError."""
+    _check_pairing(cfg)
+    try:
+        plain = {str(k): OmegaConf.to_container(cfg[k], resolve=True)
+                 if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+    except Exception as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError("config", str(err).splitlines()[0], "a config that resolves") from None
+    num_classes = plain["dataset"]["num_classes"]
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError("dataset.num_classes", num_classes, "an integer >= 2")
+    head = plain["head"]
+    if head.get("_target_", "").endswith("ETFHead") and plain["feature_dim"] < num_classes - 1:
+        raise ConfigError(
+            "dim",
+            plain["dim"],
+            f"with head=etf, d >= K-1 = {num_classes - 1} (d = {plain['feature_dim']} "
+            "has no simplex ETF)",
+        )
+    _check_ufm(plain)
+    for key in ("trainer.epochs", "trainer.eval_every"):
+        _positive(plain, key, allow_zero=key == "trainer.epochs")
+    _positive(plain, "optim.lr")
+    for key in ("optim.weight_decay", "optim.momentum"):
+        _positive(plain, key, allow_zero=True)
+    batch_size = plain["trainer"].get("batch_size")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError("trainer.batch_size", batch_size,
+                          "a positive integer, or null for full batch")
+    _choice(plain, "trainer.resume", RESUME_CHOICES)
+    _choice(plain, "trainer.on_nonfinite", NONFINITE_CHOICES)
+    device = plain["trainer"].get("device", "auto")
+    if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
+        raise ConfigError("trainer.device", device, "auto, cpu, cuda, cuda:N or mps")
+    return plain
+
+
+def _is_ufm(cfg: Any) -> bool:
+    return str(cfg["arch"].get("_target_", "")).endswith("UFMFeatures")
+
+
+def _check_pairing(cfg: Any) -> None:
+    """arch=ufm needs dataset=ufm and back; checked before interpolations that rely on it."""
+    dataset = cfg["dataset"].get("name")
+    if _is_ufm(cfg) != (dataset == "ufm"):
+        key, value = ("arch", "ufm") if _is_ufm(cfg) else ("dataset", dataset)
+        raise ConfigError(key, value, "arch=ufm and dataset=ufm go together "
+                          "(experiment=ufm sets both)")
+
+
+def _check_ufm(plain: Mapping) -> None:
+    """The UFM's objective is exactly nc-metrics.md's: its lambdas, no extra weight decay."""
+    if _is_ufm(plain):
+        decay = plain["optim"].get("weight_decay", 0.0)
+        if decay:
+            raise ConfigError("optim.weight_decay", decay,
+                              "0 with arch=ufm (arch.lambda_w/lambda_h/lambda_b regularise it)")
+        for key in ("lambda_w", "lambda_h"):
+            _positive(plain, f"arch.{key}")
+        _positive(plain, "arch.lambda_b", allow_zero=True)
+
+
+def check_overrides(args: list[str], conf_dir: Path) -> None:
+    """Check group choices and ``dim`` on the command line against conf/, before Hydra runs."""
+    for arg in args:
+        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        values = _sweep_values(value)
+        group = conf_dir / key
+        if key == "dim":
+            for item in values:
+                check_dim_syntax(item)
+        elif group.is_dir() and "." not in key:
+            options = sorted(p.stem for p in group.glob("*.yaml"))
+            for item in values:
+                if item not in options and item != "null":
+                    raise ConfigError(key, item, "one of " + ", ".join(options))
+
+
+def _sweep_values(value: str) -> list[str]:
+    """The plain choices of a simple sweep value ``a,b,c`` (others are left to Hydra)."""
+    if any(ch in value for ch in "()[]{}$'\""):
+        return []
+    return [v.strip() for v in value.split(",") if v.strip()]

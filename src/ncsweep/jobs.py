@@ -1,0 +1,247 @@
+"""One job from config to a finished run folder: validate, skip or resume, build, train, record.
+
+This is the only module that knows about Hydra's runtime, launchers, signals and markers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from ncsweep.config import ConfigError, run_key, validate
+from ncsweep.tracking import CheckpointError, RunFolder
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+_WANDB_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class JobContext:
+    """Where a job stands: its folder, key, sweep name, group choices and launch mode."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        hydra = HydraConfig.get()
+        self.folder = RunFolder(hydra.runtime.output_dir)
+        self.key = run_key(hydra.job.override_dirname)
+        self.name = str(cfg.get("name", "default"))
+        self.choices = {k: v for k, v in hydra.runtime.choices.items()
+                        if not k.startswith("hydra")}
+        self.overrides = list(hydra.overrides.task)
+        self.multirun = hydra.mode == RunMode.MULTIRUN
+
+    @property
+    def wandb_id(self) -> str:
+        """Deterministic, W&B-safe and unique per (sweep, job): a requeued job continues its run."""
+        digest = hashlib.sha1(f"{self.name}/{self.key}".encode()).hexdigest()[:10]
+        slug = _WANDB_UNSAFE.sub("-", f"{self.name}-{self.key}").strip("-")[:50]
+        return f"{slug}-{digest}"
+
+
+class StopFlag:
+    """Turns SIGUSR2/SIGTERM into a flag the training loop polls between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def hand_over(self) -> None:
+        """After the checkpoint: let the launcher's own handler requeue, or exit as signalled."""
+        signum = self.signum
+        handler = self.previous.get(signum) if signum is not None else None
+        self.restore()
+        if callable(handler):
+            handler(signum, None)
+        raise SystemExit(128 + (signum or 0))
+
+
+def run_job(cfg: DictConfig) -> dict:
+    """The Hydra task: returns a small status dict; failures leave a FAILED marker."""
+    context = JobContext(cfg)
+    folder = context.folder
+    try:
+        plain = validate(cfg)
+    except ConfigError as err:
+        return _fail(context, err, f"ncsweep: error: {err}")
+    trainer_cfg = plain["trainer"]
+    if (folder.status == "done" and trainer_cfg["resume"] != "never"
+            and not trainer_cfg["dry_run"]):
+        folder.record_attempt("skipped")
+        _say(context, f"ncsweep: {context.key}: already done, skipped ({folder.path})")
+        return {"status": "skipped", "dir": str(folder.path)}
+    stop = StopFlag()
+    stop.install()
+    try:
+        summary = execute(cfg, plain, context, stop)
+    except StopRequestedExit:
+        folder.record_attempt("interrupted")
+        stop.hand_over()
+    except (ConfigError, CheckpointError) as err:
+        return _fail(context, err, f"ncsweep: error: {err}")
+    except Exception as err:
+        return _fail(context, err, f"ncsweep: {context.key} FAILED: {type(err).__name__}: "
+                                   f"{err} (traceback in {folder.file('FAILED')})")
+    finally:
+        stop.restore()
+    folder.record_attempt(summary["status"])
+    _say(context, f"ncsweep: {context.key}: {summary['status']}; results in {folder.path}")
+    return {"status": summary["status"], "dir": str(folder.path)}
+
+
+class StopRequestedExit(Exception):
+    """Raised after a preemption checkpoint so run_job hands the signal on."""
+
+
+def _say(context: JobContext, line: str) -> None:
+    print(line, file=sys.stderr if "error" in line or "FAILED" in line else sys.stdout,
+          flush=True)
+
+
+def _fail(context: JobContext, err: BaseException, line: str) -> dict:
+    context.folder.prepare()
+    context.folder.mark_failed(err)
+    context.folder.record_attempt("failed")
+    _say(context, line)
+    if not context.multirun:
+        raise SystemExit(1)
+    return {"status": "failed", "dir": str(context.folder.path), "error": str(err)}
+
+
+def code_version() -> dict:
+    """The git commit of the code that ran, and whether the tree had uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], text=True,
+                                capture_output=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                               text=True, capture_output=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"code_commit": None, "code_dirty": None}
+    return {"code_commit": commit, "code_dirty": bool(dirty.strip())}
+
+
+def _summary_base(plain: Mapping, context: JobContext) -> dict:
+    choice = context.choices
+    return {
+        "run_key": context.key, "name": context.name,
+        "dataset": choice.get("dataset"), "arch": choice.get("arch"), "loss": choice.get("loss"),
+        "head": choice.get("head"), "optimizer": choice.get("optim"),
+        "schedule": choice.get("schedule"), "experiment": choice.get("experiment"),
+        "dim": str(plain["dim"]), "feature_dim": plain["feature_dim"],
+        "num_classes": plain["dataset"]["num_classes"], "seed": plain["seed"],
+        "epochs": plain["trainer"]["epochs"], "batch_size": plain["trainer"]["batch_size"],
+        "overrides": context.overrides, **code_version(),
+    }
+
+
+def execute(cfg: DictConfig, plain: dict, context: JobContext, stop: StopFlag) -> dict:
+    """Build from config, train (or dry-run), and write the run folder's files."""
+    from ncsweep.build import build_run
+    from ncsweep.training import StopRequested
+
+    folder = context.folder
+    trainer_cfg = plain["trainer"]
+    resume = trainer_cfg["resume"]
+    if resume == "never" or trainer_cfg["dry_run"]:
+        folder.reset()
+    else:
+        folder.prepare()
+    started = time.perf_counter()
+    run = build_run(cfg, plain, read_data=not trainer_cfg["dry_run"])
+    summary = _summary_base(plain, context)
+    summary.update(run.describe())
+    folder.write_config(plain)
+    if trainer_cfg["dry_run"]:
+        peak = run.trainer.dry_run_step(run.model, run.loss, run.optimizer,
+                                        plain["dataset"]["num_classes"],
+                                        plain["dataset"]["input_shape"])
+        summary.update(status="dry_run", wall_time_s=time.perf_counter() - started,
+                       **_memory_fields(peak))
+        folder.write_summary(summary)
+        return summary
+    state = folder.load_checkpoint(context.key) if resume != "never" else None
+    if resume == "must" and state is None:
+        raise CheckpointError(f"trainer.resume=must but {folder.file('checkpoint.pt')} does "
+                              "not exist")
+    rows = [r for r in folder.read_metrics() if state is not None and r["epoch"] <= state["epoch"]]
+    folder.keep_metrics(rows)
+    mirror = run.logger
+    mirror.start(folder.path, context.wandb_id, context.key, context.name, plain,
+                 quiet=not trainer_cfg["progress"])
+
+    def on_eval(row: dict) -> None:
+        folder.append_metrics(row)
+        mirror.log(row, step=int(row["epoch"]))
+
+    try:
+        result = run.trainer.fit(
+            run.model, run.loss, run.optimizer, run.scheduler, run.data, plain["seed"],
+            on_eval=on_eval, on_checkpoint=lambda s: folder.save_checkpoint(s, context.key),
+            stop_requested=stop, resume_state=state)
+    except StopRequested as err:
+        mirror.finish(exit_code=1)
+        raise StopRequestedExit(str(err)) from err
+    except BaseException:
+        mirror.finish(exit_code=1)
+        raise
+    summary.update(status="done", resumed_from_epoch=state["epoch"] if state else None,
+                   **result.final, **_memory_fields(result.peak_memory),
+                   wall_time_s=time.perf_counter() - started, train_time_s=result.train_time_s,
+                   time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
+                   samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
+    summary.update(run.final_checks(result.final))
+    folder.write_summary(summary)
+    mirror.finish(summary)
+    folder.mark_done()
+    return summary
+
+
+def _memory_fields(peak: Any) -> dict:
+    return {"peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind,
+            "peak_memory_reserved_bytes": peak.reserved_bytes}
+
+
+class SweepReport(Callback):
+    """At the end of a sweep: how many jobs finished, were skipped or failed, and where."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        outcomes: dict[str, list[str]] = {}
+        for attempt in sorted(sweep_dir.glob(f"*/{RunFolder.ATTEMPT_FILE}")):
+            folder = RunFolder(attempt.parent)
+            last = folder.last_attempt()
+            if last and last["time"] >= getattr(self, "started", 0.0):
+                outcomes.setdefault(last["outcome"], []).append(str(folder.path))
+        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(outcomes.items())) or "no jobs"
+        print(f"ncsweep: sweep {sweep_dir}: {counts}", flush=True)
+        for path in outcomes.get("failed", []):
+            print(f"ncsweep:   failed: {path}: {RunFolder(path).failure()}", flush=True)
+        if outcomes.get("failed") or outcomes.get("interrupted"):
+            raise SystemExit(1)

@@ -1,0 +1,297 @@
+"""Everything a run writes: its folder (config, metrics, summary, markers, checkpoint), W&B mirror.
+
+The run folder is the source of truth; W&B mirrors it. The report reads runs back only
+through :class:`RunFolder`, so the two can never disagree on a file's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+DONE, FAILED = "DONE", "FAILED"
+CHECKPOINT_FORMAT = "ncsweep-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, foreign, or missing when required."""
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values; non-finite floats become None so every file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """One run's folder and the files in it."""
+
+    ATTEMPT_FILE = "attempt.json"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def status(self) -> str:
+        """``done``, ``failed``, ``started`` (files but no marker) or ``new``."""
+        if self.file(DONE).exists():
+            return "done"
+        if self.file(FAILED).exists():
+            return "failed"
+        if self.file(METRICS_FILE).exists() or self.file(CHECKPOINT_FILE).exists():
+            return "started"
+        return "new"
+
+    def prepare(self) -> None:
+        """Create the folder and drop markers left by an earlier attempt."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for marker in (DONE, FAILED):
+            self.file(marker).unlink(missing_ok=True)
+
+    def reset(self) -> None:
+        """Forget an earlier attempt's results (metrics, summary, checkpoint, markers)."""
+        self.prepare()
+        for name in (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE):
+            self.file(name).unlink(missing_ok=True)
+
+    def write_config(self, config: Mapping) -> None:
+        write_atomic(self.file(CONFIG_FILE), json.dumps(_jsonable(config), indent=2))
+
+    def read_config(self) -> dict:
+        return json.loads(self.file(CONFIG_FILE).read_text())
+
+    def append_metrics(self, row: Mapping) -> None:
+        """Append one eval row and flush it, so a killed run keeps every row it logged."""
+        with open(self.file(METRICS_FILE), "a") as handle:
+            handle.write(json.dumps(_jsonable(row)) + "\n")
+            handle.flush()
+
+    def read_metrics(self) -> list[dict]:
+        """Every complete row; a torn last line (a kill mid-write) is ignored."""
+        path = self.file(METRICS_FILE)
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rows
+
+    def keep_metrics(self, rows: Iterable[Mapping]) -> None:
+        """Replace the metrics file by ``rows`` (used on resume, so no row is written twice)."""
+        write_atomic(self.file(METRICS_FILE),
+                     "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+
+    def write_summary(self, summary: Mapping) -> None:
+        write_atomic(self.file(SUMMARY_FILE), json.dumps(_jsonable(summary), indent=2))
+
+    def read_summary(self) -> dict:
+        return json.loads(self.file(SUMMARY_FILE).read_text())
+
+    def mark_done(self) -> None:
+        """Written last: a folder with DONE holds a complete, finished run."""
+        self.file(FAILED).unlink(missing_ok=True)
+        write_atomic(self.file(DONE), "")
+
+    def mark_failed(self, error: BaseException) -> None:
+        self.file(DONE).unlink(missing_ok=True)
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        write_atomic(self.file(FAILED), f"{type(error).__name__}: {error}\n\n{text}")
+
+    def record_attempt(self, outcome: str) -> None:
+        """What the latest launch of this job did (done, skipped, failed, interrupted) and when."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.file(self.ATTEMPT_FILE),
+                     json.dumps({"outcome": outcome, "time": time.time()}))
+
+    def last_attempt(self) -> dict | None:
+        path = self.file(self.ATTEMPT_FILE)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def failure(self) -> str | None:
+        """The first line of the FAILED marker, if any."""
+        path = self.file(FAILED)
+        return path.read_text().splitlines()[0] if path.exists() else None
+
+    def save_checkpoint(self, state: Mapping, run_key: str) -> None:
+        """Save training state atomically (temp file + rename); only the last one is kept."""
+        import torch
+
+        tmp = self.file(f".{CHECKPOINT_FILE}.tmp")
+        torch.save({"format": CHECKPOINT_FORMAT, "run_key": run_key, **state}, tmp)
+        os.replace(tmp, self.file(CHECKPOINT_FILE))
+
+    def load_checkpoint(self, run_key: str) -> dict | None:
+        """The saved state, or None when there is none; never a half-loaded or foreign one."""
+        import torch
+
+        path = self.file(CHECKPOINT_FILE)
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else 'corrupt'}); delete it or run with "
+                "trainer.resume=never") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {path} is not an ncsweep checkpoint; delete it or "
+                                  "run with trainer.resume=never")
+        if state.get("run_key") != run_key:
+            raise CheckpointError(f"checkpoint {path} belongs to run {state.get('run_key')!r}, "
+                                  f"not {run_key!r}; delete it or run with trainer.resume=never")
+        return state
+
+
+class WandbMirror:
+    """Mirrors a run to Weights & Biases: offline unless the environment says otherwise."""
+
+    def __init__(self, project: str = "ncsweep", entity: str | None = None,
+                 mode: str = "offline", tags: Iterable[str] = ()) -> None:
+        self.project, self.entity, self.mode, self.tags = project, entity, mode, list(tags)
+        self.run = None
+
+    def start(self, run_dir: Path, run_id: str, name: str, group: str, config: Mapping,
+              quiet: bool = False) -> None:
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        if quiet:
+            os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(
+            project=self.project, entity=self.entity, mode=self.mode, tags=self.tags,
+            dir=str(run_dir), id=run_id, name=name, group=group, resume="allow",
+            config=_jsonable(config), reinit="finish_previous",
+        )
+
+    def log(self, row: Mapping, step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in _jsonable(row).items() if v is not None}, step=step)
+
+    def finish(self, summary: Mapping | None = None, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        if summary:
+            self.run.summary.update({k: v for k, v in _jsonable(summary).items()
+                                     if isinstance(v, (int, float, str, bool))})
+        self.run.finish(exit_code=exit_code)
+        self.run = None
+
+
+class NoMirror(WandbMirror):
+    """``logger=none``: the run folder only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        self.run = None
+
+
+WANDB_TESTED = ("0.31",)
+_BLOCK = 32768
+_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_offline_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The ``run-*.wandb`` record logs under a run folder (or a W&B ``offline-run-*`` folder)."""
+    return sorted(Path(run_dir).glob("**/offline-run-*/run-*.wandb")) or sorted(
+        Path(run_dir).glob("run-*.wandb"))
+
+
+def _wandb_records(path: Path) -> Iterable[bytes]:
+    """Payloads of a W&B record log: a 7-byte file header, then leveldb-log 32 KiB blocks."""
+    data = path.read_bytes()
+    if data[:4] != b":W&B" or int.from_bytes(data[4:6], "little") != 0xBEE1:
+        raise ValueError(f"{path} is not a W&B record log (bad header)")
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == 0 and length == 0:
+            continue
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def read_wandb_offline(path: str | os.PathLike) -> dict:
+    """Config, history rows and summary of an offline W&B run, read without a server."""
+    import wandb
+    from wandb.proto import wandb_internal_pb2
+
+    if not wandb.__version__.startswith(WANDB_TESTED):
+        raise RuntimeError(f"reading offline W&B runs is tested with wandb {WANDB_TESTED}, "
+                           f"not {wandb.__version__}; read the run folder's metrics.jsonl instead")
+    files = wandb_offline_files(path)
+    if not files:
+        raise FileNotFoundError(f"no offline W&B run (run-*.wandb) under {path}")
+    config: dict = {}
+    history: list[dict] = []
+    summary: dict = {}
+    for file in files:
+        for payload in _wandb_records(file):
+            record = wandb_internal_pb2.Record.FromString(payload)
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                history.append(_items(record.history.item))
+            elif kind == "summary":
+                summary.update(_items(record.summary.update))
+            elif kind in ("run", "config"):
+                items = record.run.config.update if kind == "run" else record.config.update
+                config.update(_items(items))
+    return {"config": config, "history": history, "summary": summary}
+
+
+def _items(items: Iterable) -> dict:
+    out = {}
+    for item in items:
+        key = item.key or "/".join(item.nested_key)
+        out[key] = json.loads(item.value_json)
+    return out
