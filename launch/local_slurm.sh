@@ -1,0 +1,686 @@
+#!/usr/bin/env bash
+# Single-node SLURM cluster on this machine, for real end-to-end tests of sweeps.
+#
+# Usage: launch/local_slurm.sh start|stop|status
+#
+#   start   install missing Debian packages, then bring up munged, MariaDB, slurmdbd,
+#           slurmctld and slurmd with all state in one folder, and wait for the node
+#           to be idle. Does nothing when the cluster is already up. The last line of
+#           stdout is `export SLURM_CONF=...`, so a caller can run
+#               eval "$(launch/local_slurm.sh start | tail -1)"
+#           The same line is written to <state>/env.sh. Progress goes to stderr.
+#   stop    requeue running jobs (cancel those that cannot be requeued), then stop
+#           the daemons started by this script and any job steps they left behind.
+#           Keeps the state folder: a later start keeps queued jobs and job ids.
+#   status  show which daemons are up, then sinfo and squeue. Exit 0 when all
+#           daemons are up and the node is idle or busy, 1 otherwise.
+#
+# Environment:
+#   NCSWEEP_SLURM_DIR       state folder (default: <repo>/.slurm)
+#   NCSWEEP_SLURM_CLUSTER   cluster name (default: ncsweep)
+#   NCSWEEP_SLURM_TIMEOUT   seconds to wait for each daemon / the idle node (default: 60)
+#
+# Needs root (SlurmUser=root) and, for the first start, apt access to Debian's
+# packages. Works without systemd, cgroups or a terminal; every wait is bounded.
+set -euo pipefail
+
+PROG=local_slurm.sh
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE_IN="${NCSWEEP_SLURM_DIR:-$REPO/.slurm}"
+CLUSTER="${NCSWEEP_SLURM_CLUSTER:-ncsweep}"
+TIMEOUT="${NCSWEEP_SLURM_TIMEOUT:-60}"
+PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+DAEMONS=(munged mariadb slurmdbd slurmctld slurmd)
+
+export DEBIAN_FRONTEND=noninteractive
+# The daemons live in sbin folders, which a non-login PATH may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+
+die() {
+    # die MESSAGE [LOGFILE]: print the message and the tail of the log, exit 1.
+    log "ERROR: $1"
+    if [[ -n "${2:-}" && -f "$2" ]]; then
+        log "last lines of $2:"
+        tail -n 25 "$2" | sed 's/^/    /' >&2
+    fi
+    exit 1
+}
+
+usage() {
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+}
+
+# ---------------------------------------------------------------- paths
+resolve_state() {
+    mkdir -p "$STATE_IN"
+    STATE="$(cd "$STATE_IN" && pwd)"
+    if [[ "$STATE" =~ [[:space:]] ]]; then
+        die "the state folder '$STATE' contains whitespace; slurm.conf cannot express it (set NCSWEEP_SLURM_DIR)"
+    fi
+    ETC="$STATE/etc"
+    RUN="$STATE/run"
+    LOGS="$STATE/log"
+    MUNGE_DIR="$STATE/munge"
+    MUNGE_KEY="$MUNGE_DIR/munge.key"
+    MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
+    DB_DIR="$STATE/mysql"
+    DB_DATA="$DB_DIR/data"
+    DB_SOCKET="$DB_DIR/mysqld.sock"
+    CTLD_SPOOL="$STATE/spool/slurmctld"
+    SLURMD_SPOOL="$STATE/spool/slurmd"
+    CONF="$ETC/slurm.conf"
+    DBD_CONF="$ETC/slurmdbd.conf"
+    PORTS_FILE="$ETC/ports.env"
+    NODE="$(hostname -s)"
+}
+
+pidfile_of() {
+    case "$1" in
+        munged) echo "$RUN/munged.pid" ;;
+        mariadb) echo "$RUN/mariadb.pid" ;;
+        slurmdbd) echo "$RUN/slurmdbd.pid" ;;
+        slurmctld) echo "$RUN/slurmctld.pid" ;;
+        slurmd) echo "$RUN/slurmd.pid" ;;
+    esac
+}
+
+logfile_of() {
+    case "$1" in
+        munged) echo "$LOGS/munged.log" ;;
+        mariadb) echo "$LOGS/mariadb.log" ;;
+        slurmdbd) echo "$LOGS/slurmdbd.log" ;;
+        slurmctld) echo "$LOGS/slurmctld.log" ;;
+        slurmd) echo "$LOGS/slurmd.log" ;;
+    esac
+}
+
+# Process name as the kernel records it (comm), to tell our daemon from a reused pid.
+comm_of() {
+    case "$1" in
+        munged) echo munged ;;
+        mariadb) echo mariadbd ;;
+        slurmdbd) echo slurmdbd ;;
+        slurmctld) echo slurmctld ;;
+        slurmd) echo slurmd ;;
+    esac
+}
+
+# True while pid $1 exists and is not a zombie (pid 1 here may reap daemons late).
+proc_alive() {
+    local st
+    kill -0 "$1" 2>/dev/null || return 1
+    st="$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null)"
+    [[ -n "$st" && "$st" != Z && "$st" != X ]]
+}
+
+proc_gone() { ! proc_alive "$1"; }
+
+# Prints the pid of daemon $1 when it runs, else nothing (and returns 1).
+daemon_pid() {
+    local pf pid comm
+    pf="$(pidfile_of "$1")"
+    [[ -s "$pf" ]] || return 1
+    pid="$(tr -dc '0-9' <"$pf")"
+    [[ -n "$pid" ]] || return 1
+    proc_alive "$pid" || return 1
+    comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
+    [[ "$comm" == "$(comm_of "$1")" ]] || return 1
+    echo "$pid"
+}
+
+is_up() { daemon_pid "$1" >/dev/null; }
+
+# wait_until TIMEOUT COMMAND...: run COMMAND every 0.25 s until it succeeds.
+wait_until() {
+    local limit=$1 start
+    shift
+    start=$SECONDS
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS - start < limit)) || return 1
+        sleep 0.25
+    done
+}
+
+# ---------------------------------------------------------------- packages
+pkg_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+ensure_packages() {
+    local missing=() p created_policy=0
+    if ! command -v dpkg-query >/dev/null; then
+        # Not Debian: accept the commands if someone installed them another way.
+        for p in munged mungekey slurmctld slurmd sbatch sacct slurmdbd mariadbd \
+            mariadb-install-db mariadb mariadb-admin; do
+            command -v "$p" >/dev/null || missing+=("$p")
+        done
+        ((${#missing[@]} == 0)) && return 0
+        die "not a Debian machine and these commands are missing: ${missing[*]}"
+    fi
+    for p in "${PACKAGES[@]}"; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    command -v apt-get >/dev/null || die "packages missing (${missing[*]}) and apt-get is not available"
+    log "installing ${missing[*]} (apt-get update first)"
+    # Keep package scripts from starting system-wide daemons: this script runs its own.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    local rc=0
+    {
+        apt-get -q -o DPkg::Lock::Timeout=120 update ||
+            log "apt-get update reported errors; trying the install anyway"
+        apt-get -q -y -o DPkg::Lock::Timeout=120 install --no-install-recommends "${missing[@]}"
+    } >&2 || rc=$?
+    ((created_policy)) && rm -f /usr/sbin/policy-rc.d
+    ((rc == 0)) || die "apt-get install ${missing[*]} failed (exit $rc)"
+    for p in "${missing[@]}"; do
+        pkg_installed "$p" || die "package $p is still not installed"
+    done
+}
+
+# ---------------------------------------------------------------- ports
+port_free() {
+    local p=$1
+    if command -v ss >/dev/null; then
+        [[ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ]]
+    else
+        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then return 1; fi
+        return 0
+    fi
+}
+
+pick_port() {
+    # pick_port FIRST [TAKEN...]: first free port from FIRST not in TAKEN.
+    local p=$1 t ok
+    shift
+    while ((p < 65000)); do
+        ok=1
+        for t in "$@"; do [[ "$t" == "$p" ]] && ok=0; done
+        if ((ok)) && port_free "$p"; then
+            echo "$p"
+            return 0
+        fi
+        p=$((p + 1))
+    done
+    die "no free TCP port found"
+}
+
+# Ports are chosen once and kept in ports.env; a port is chosen again only when the
+# daemon that owns it is down and something else now listens there.
+load_ports() {
+    CTLD_PORT="" SLURMD_PORT="" DBD_PORT="" DB_PORT=""
+    # shellcheck disable=SC1090
+    [[ -f "$PORTS_FILE" ]] && source "$PORTS_FILE"
+    if [[ -z "$DB_PORT" ]] || { ! is_up mariadb && ! port_free "$DB_PORT"; }; then
+        DB_PORT="$(pick_port 13306)"
+    fi
+    if [[ -z "$DBD_PORT" ]] || { ! is_up slurmdbd && ! port_free "$DBD_PORT"; }; then
+        DBD_PORT="$(pick_port 6819 "$DB_PORT")"
+    fi
+    if [[ -z "$CTLD_PORT" ]] || { ! is_up slurmctld && ! port_free "$CTLD_PORT"; }; then
+        CTLD_PORT="$(pick_port 6817 "$DB_PORT" "$DBD_PORT")"
+    fi
+    if [[ -z "$SLURMD_PORT" ]] || { ! is_up slurmd && ! port_free "$SLURMD_PORT"; }; then
+        SLURMD_PORT="$(pick_port 6818 "$DB_PORT" "$DBD_PORT" "$CTLD_PORT")"
+    fi
+    printf 'CTLD_PORT=%s\nSLURMD_PORT=%s\nDBD_PORT=%s\nDB_PORT=%s\n' \
+        "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$DB_PORT" >"$PORTS_FILE.tmp"
+    mv -f "$PORTS_FILE.tmp" "$PORTS_FILE"
+}
+
+# ---------------------------------------------------------------- config
+write_if_changed() {
+    # write_if_changed FILE MODE: stdin to FILE when its content differs.
+    local f=$1 mode=$2 tmp
+    tmp="$(mktemp "$f.XXXXXX")"
+    cat >"$tmp"
+    chmod "$mode" "$tmp"
+    if [[ -f "$f" ]] && cmp -s "$tmp" "$f"; then
+        rm -f "$tmp"
+    else
+        mv -f "$tmp" "$f"
+    fi
+}
+
+write_configs() {
+    local cpus mem_mb margin real_mb db_pass
+    cpus="$(nproc)"
+    mem_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
+    margin=$((mem_mb / 20))
+    ((margin < 256)) && margin=256
+    real_mb=$((mem_mb - margin))
+    ((real_mb < 256)) && real_mb=256
+    if [[ ! -s "$DB_DIR/slurm.pass" ]]; then
+        (umask 077 && head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$DB_DIR/slurm.pass")
+    fi
+    db_pass="$(cat "$DB_DIR/slurm.pass")"
+
+    write_if_changed "$CONF" 644 <<EOF
+# Generated by launch/local_slurm.sh; edits are overwritten on the next start.
+ClusterName=$CLUSTER
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+StateSaveLocation=$CTLD_SPOOL
+SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmctldPidFile=$(pidfile_of slurmctld)
+SlurmdPidFile=$(pidfile_of slurmd)
+SlurmctldLogFile=$(logfile_of slurmctld)
+SlurmdLogFile=$(logfile_of slurmd)
+SlurmctldDebug=info
+SlurmdDebug=info
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=5,bf_interval=2
+MailProg=/bin/true
+ReturnToService=2
+JobRequeue=1
+KillWait=5
+InactiveLimit=0
+MinJobAge=300
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+# The controller's connection to slurmdbd ignores AuthInfo=socket= and needs this.
+AccountingStoragePass=$MUNGE_SOCKET
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mb State=UNKNOWN
+PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+EOF
+
+    write_if_changed "$DBD_CONF" 600 <<EOF
+# Generated by launch/local_slurm.sh; edits are overwritten on the next start.
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$(pidfile_of slurmdbd)
+LogFile=$(logfile_of slurmdbd)
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$db_pass
+StorageLoc=slurm_acct_db
+EOF
+    chown root:root "$DBD_CONF"
+    chmod 600 "$DBD_CONF"
+
+    printf 'export SLURM_CONF=%s\n' "$CONF" >"$STATE/env.sh"
+}
+
+# ---------------------------------------------------------------- daemons
+# Detach a daemon from the caller: new session, no stdin, output to its log, so that
+# `start | tail -1` never waits on a daemon holding the pipe.
+spawn() {
+    local logf=$1
+    shift
+    # fd 9 is the state folder's lock: the daemon must not keep holding it. Daemons
+    # run from the state folder, which lets `stop` recognise the job steps they leave.
+    (cd "$STATE" && exec setsid "$@" </dev/null >>"$logf" 2>&1 9>&-) &
+}
+
+start_munged() {
+    is_up munged && return 0
+    if [[ ! -s "$MUNGE_KEY" ]]; then
+        log "creating a private munge key"
+        if command -v mungekey >/dev/null; then
+            mungekey -c -k "$MUNGE_KEY" >&2
+        else
+            dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
+        fi
+    fi
+    chmod 600 "$MUNGE_KEY"
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    log "starting munged"
+    spawn "$(logfile_of munged)" munged --force \
+        --socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY" \
+        --pid-file="$(pidfile_of munged)" --log-file="$(logfile_of munged)" \
+        --seed-file="$MUNGE_DIR/munged.seed"
+    wait_until "$TIMEOUT" munge_works || die "munged did not start within ${TIMEOUT}s" "$(logfile_of munged)"
+}
+
+munge_works() {
+    is_up munged && munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET"
+}
+
+db_sql() {
+    mariadb --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot -N -B
+}
+
+db_ping() {
+    mariadb-admin --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot ping
+}
+
+start_mariadb() {
+    if ! is_up mariadb; then
+        if [[ ! -d "$DB_DATA/mysql" ]]; then
+            log "initialising MariaDB in $DB_DATA"
+            rm -rf "$DB_DATA"
+            mkdir -p "$DB_DATA"
+            mariadb-install-db --no-defaults --user=root --datadir="$DB_DATA" \
+                --auth-root-authentication-method=socket --skip-test-db \
+                >>"$(logfile_of mariadb)" 2>&1 ||
+                die "mariadb-install-db failed" "$(logfile_of mariadb)"
+        fi
+        rm -f "$DB_SOCKET"
+        log "starting MariaDB on 127.0.0.1:$DB_PORT"
+        spawn "$(logfile_of mariadb)" mariadbd --no-defaults --user=root \
+            --datadir="$DB_DATA" --socket="$DB_SOCKET" \
+            --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
+            --pid-file="$(pidfile_of mariadb)" --log-error="$(logfile_of mariadb)" \
+            --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900 \
+            --innodb-flush-log-at-trx-commit=2 \
+            --max-connections=100
+    fi
+    wait_until "$TIMEOUT" db_ping || die "MariaDB did not answer within ${TIMEOUT}s" "$(logfile_of mariadb)"
+    local pass
+    pass="$(cat "$DB_DIR/slurm.pass")"
+    db_sql >&2 <<EOF || die "could not create the slurm_acct_db database and user" "$(logfile_of mariadb)"
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pass';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$pass';
+GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'localhost';
+FLUSH PRIVILEGES;
+EOF
+}
+
+sacctmgr_q() { timeout 20 sacctmgr "$@"; }
+
+dbd_answers() { sacctmgr_q -n -P show cluster format=cluster; }
+
+start_slurmdbd() {
+    if ! is_up slurmdbd; then
+        log "starting slurmdbd on 127.0.0.1:$DBD_PORT"
+        spawn "$(logfile_of slurmdbd)" slurmdbd
+    fi
+    wait_until "$TIMEOUT" dbd_answers || die "slurmdbd did not answer within ${TIMEOUT}s" "$(logfile_of slurmdbd)"
+    if ! sacctmgr_q -n -P show cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; then
+        log "registering cluster $CLUSTER in the accounting database"
+        sacctmgr_q -i add cluster "$CLUSTER" >&2 || die "sacctmgr add cluster failed" "$(logfile_of slurmdbd)"
+    fi
+    # Make sure the invoking user has an association (root gets one with the cluster).
+    local user
+    user="$(id -un)"
+    if ! sacctmgr_q -n -P show assoc cluster="$CLUSTER" user="$user" format=user 2>/dev/null | grep -qx "$user"; then
+        log "adding an association for user $user"
+        sacctmgr_q -i add user "$user" account=root cluster="$CLUSTER" >&2 ||
+            die "sacctmgr add user $user failed" "$(logfile_of slurmdbd)"
+    fi
+}
+
+ctld_answers() { timeout 15 scontrol ping | grep -q 'is UP'; }
+
+start_slurmctld() {
+    is_up slurmctld && return 0
+    local args=()
+    # -c only on the very first start: afterwards job ids must keep counting up.
+    if [[ ! -e "$STATE/.slurmctld-initialised" ]]; then
+        args+=(-c)
+    fi
+    log "starting slurmctld${args[*]:+ ${args[*]}} on 127.0.0.1:$CTLD_PORT"
+    spawn "$(logfile_of slurmctld)" slurmctld "${args[@]}" -f "$CONF"
+    wait_until "$TIMEOUT" ctld_answers || die "slurmctld did not answer within ${TIMEOUT}s" "$(logfile_of slurmctld)"
+    touch "$STATE/.slurmctld-initialised"
+}
+
+start_slurmd() {
+    is_up slurmd && return 0
+    log "starting slurmd for node $NODE"
+    spawn "$(logfile_of slurmd)" slurmd -f "$CONF"
+    wait_until "$TIMEOUT" is_up slurmd || die "slurmd did not start within ${TIMEOUT}s" "$(logfile_of slurmd)"
+}
+
+# Node state without the trailing flags (*, ~, #, ...), e.g. idle, mixed, down, drained.
+node_state() {
+    local s
+    s="$(timeout 15 sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1)" || true
+    echo "$s"
+}
+
+node_ready() {
+    case "$(node_state)" in
+        idle | mixed | allocated | completing) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+wait_node_ready() {
+    local start=$SECONDS s resumed=0
+    while ((SECONDS - start < TIMEOUT)); do
+        s="$(node_state)"
+        case "$s" in
+            idle | mixed | allocated | completing) return 0 ;;
+            drained | draining | drain)
+                if ((!resumed)); then
+                    log "node $NODE is $s ($(timeout 15 sinfo -h -N -n "$NODE" -o %E 2>/dev/null || true)); resuming it"
+                    timeout 15 scontrol update nodename="$NODE" state=resume >&2 || true
+                    resumed=1
+                fi
+                ;;
+        esac
+        sleep 0.25
+    done
+    log "node $NODE is '${s:-unknown}' after ${TIMEOUT}s"
+    timeout 15 sinfo -N -l >&2 || true
+    die "the node did not become idle" "$(logfile_of slurmd)"
+}
+
+healthy() {
+    local d
+    for d in "${DAEMONS[@]}"; do is_up "$d" || return 1; done
+    node_ready
+}
+
+cmd_start() {
+    [[ $EUID -eq 0 ]] || die "start needs root (the cluster runs with SlurmUser=root and installs packages)"
+    command -v flock >/dev/null || die "flock (util-linux) is required"
+    resolve_state
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || die "another start/stop holds $STATE/.lock"
+    local t0=$SECONDS
+    export SLURM_CONF="$STATE/etc/slurm.conf"
+    ensure_packages
+    mkdir -p "$ETC" "$RUN" "$LOGS" "$MUNGE_DIR" "$DB_DIR" "$CTLD_SPOOL" "$SLURMD_SPOOL"
+    chmod 755 "$STATE" "$MUNGE_DIR" "$ETC"
+    chmod 700 "$DB_DIR"
+    if [[ -f "$CONF" ]] && healthy; then
+        log "cluster '$CLUSTER' is already running (state in $STATE); nothing to do"
+    else
+        for s in "$MUNGE_SOCKET" "$DB_SOCKET"; do
+            ((${#s} < 100)) || die "socket path too long for a unix socket: $s (set NCSWEEP_SLURM_DIR to a shorter folder)"
+        done
+        load_ports
+        write_configs
+        start_munged
+        start_mariadb
+        start_slurmdbd
+        start_slurmctld
+        start_slurmd
+        wait_node_ready
+        log "cluster '$CLUSTER' is up: node $NODE $(node_state) ($((SECONDS - t0))s; state in $STATE)"
+    fi
+    printf 'export SLURM_CONF=%s\n' "$CONF" >"$STATE/env.sh"
+    printf 'export SLURM_CONF=%s\n' "$CONF"
+}
+
+# Job steps left by our slurmd: slurmstepd processes that inherited its working
+# folder (slurmd runs in the state folder; slurmstepd rewrites its environment).
+leftover_steps() {
+    local p cwd
+    for p in /proc/[0-9]*; do
+        [[ "$(cat "$p/comm" 2>/dev/null)" == slurmstepd ]] || continue
+        cwd="$(readlink "$p/cwd" 2>/dev/null || true)"
+        if [[ "$cwd" == "$STATE" || "$cwd" == "$STATE"/* ]]; then
+            echo "${p#/proc/}"
+        fi
+    done
+}
+
+# descendants PID...: every process below the given ones (one snapshot of /proc).
+descendants() {
+    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces or parentheses.
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } |
+        sed -n 's/^\([0-9]*\) (.*) [A-Za-z] \([0-9]*\) .*/\1 \2/p' | awk -v roots="$*" '
+        BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1 }
+        { parent[$1] = $2 }
+        END {
+            do {
+                added = 0
+                for (c in parent) if (!(c in want) && (parent[c] in want)) { want[c] = 1; added = 1; print c }
+            } while (added)
+        }'
+}
+
+# stop_daemons NAME...: SIGTERM to all of them at once, then wait for each.
+stop_daemons() {
+    local d pid limit pids=() names=()
+    for d in "$@"; do
+        if pid="$(daemon_pid "$d")"; then
+            log "stopping $d (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+            names+=("$d")
+        else
+            log "$d is not running"
+        fi
+    done
+    local i
+    for i in "${!pids[@]}"; do
+        pid=${pids[$i]} d=${names[$i]}
+        limit=20
+        [[ "$d" == mariadb ]] && limit=60
+        if ! wait_until "$limit" proc_gone "$pid"; then
+            log "$d did not exit within ${limit}s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            wait_until 10 proc_gone "$pid" || true
+        fi
+    done
+    for d in "$@"; do rm -f "$(pidfile_of "$d")"; done
+}
+
+# End the job steps our slurmd left behind, with all their processes.
+end_leftover_steps() {
+    local pids all=() p
+    pids="$(leftover_steps)"
+    [[ -n "$pids" ]] || return 0
+    # shellcheck disable=SC2086
+    mapfile -t all < <(echo $pids | tr ' ' '\n'; descendants $pids)
+    log "ending ${#all[@]} leftover job-step process(es)"
+    kill -TERM "${all[@]}" 2>/dev/null || true
+    for p in "${all[@]}"; do
+        wait_until 5 proc_gone "$p" || kill -KILL "$p" 2>/dev/null || true
+    done
+}
+
+# Requeue running jobs (cancel those that cannot be requeued) while slurmctld and
+# slurmd can still end them properly; they run again after the next start.
+requeue_running_jobs() {
+    is_up slurmctld && [[ -f "$CONF" ]] || return 0
+    export SLURM_CONF="$CONF"
+    local ids id
+    ids="$(timeout 15 squeue -h -t RUNNING,SUSPENDED,CONFIGURING -o %i 2>/dev/null || true)"
+    [[ -n "$ids" ]] || return 0
+    log "requeueing running job(s): ${ids//$'\n'/ }"
+    for id in $ids; do
+        timeout 15 scontrol requeue "$id" 2>/dev/null || timeout 15 scancel "$id" || true
+    done
+    wait_until 30 no_running_jobs || log "some jobs were still running after 30s"
+}
+
+no_running_jobs() {
+    [[ -z "$(timeout 15 squeue -h -t RUNNING,SUSPENDED,CONFIGURING,COMPLETING -o %i)" ]]
+}
+
+cmd_stop() {
+    [[ $EUID -eq 0 ]] || die "stop needs root"
+    if [[ ! -d "$STATE_IN" ]]; then
+        log "no cluster state in $STATE_IN; nothing to stop"
+        return 0
+    fi
+    resolve_state
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || die "another start/stop holds $STATE/.lock"
+    if is_up slurmd; then requeue_running_jobs; fi
+    # slurmctld sends its last records to slurmdbd, which needs MariaDB; munged last.
+    stop_daemons slurmd slurmctld
+    end_leftover_steps
+    stop_daemons slurmdbd
+    stop_daemons mariadb munged
+    rm -f "$MUNGE_SOCKET" "$DB_SOCKET"
+    log "stopped (state kept in $STATE)"
+}
+
+cmd_status() {
+    if [[ ! -d "$STATE_IN" ]]; then
+        echo "no cluster state in $STATE_IN (never started)"
+        return 1
+    fi
+    resolve_state
+    local d pid ok=0 s
+    for d in "${DAEMONS[@]}"; do
+        if pid="$(daemon_pid "$d")"; then
+            printf '%-10s up (pid %s)\n' "$d" "$pid"
+        else
+            printf '%-10s down\n' "$d"
+            ok=1
+        fi
+    done
+    if [[ -f "$CONF" ]] && is_up slurmctld; then
+        export SLURM_CONF="$CONF"
+        echo
+        timeout 15 sinfo || ok=1
+        echo
+        timeout 15 squeue || ok=1
+        s="$(node_state)"
+        case "$s" in
+            idle | mixed | allocated | completing) ;;
+            *)
+                echo "node $NODE is '${s:-unknown}'"
+                ok=1
+                ;;
+        esac
+    else
+        ok=1
+    fi
+    echo
+    echo "SLURM_CONF=$CONF"
+    return "$ok"
+}
+
+case "${1:-}" in
+    start)
+        resolve_state
+        cmd_start
+        ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    -h | --help | help) usage ;;
+    *)
+        usage
+        exit 2
+        ;;
+esac

@@ -1,0 +1,57 @@
+"""UFM runs end to end: random starts reach the closed-form optimum; the landscape preset."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import FAST, compose_cfg, run_cli
+
+UFM = [*FAST, "experiment=ufm", "dataset.num_classes=4", "dataset.n_per_class=5",
+       "trainer.epochs=20", "trainer.eval_every=10"]
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ufm_from_random_starts_reaches_the_global_optimum(job_runner, loss: str,
+                                                           seed: int) -> None:
+    _, summary = job_runner([*UFM, f"loss={loss}", f"seed={seed}"])
+    assert summary["feature_dim"] == 4
+    assert 0 <= summary["objective_gap"] < 1e-6
+    assert summary["grad_norm"] < 1e-6
+    assert summary["reached_global_optimum"] and not summary["spurious_minimum_suspect"]
+    assert summary["hessian_min_eig"] > -1e-6
+    assert summary["nc1"] < 1e-8 and summary["nc2_w"] < 1e-4 and summary["nc3"] < 1e-4
+
+
+def test_mse_without_bias_ends_in_an_orthogonal_frame(job_runner) -> None:
+    _, summary = job_runner([*UFM, "loss=mse", "head.bias=false"])
+    assert 0 <= summary["objective_gap"] < 1e-6
+    k = 4
+    frame_distance = (2 - 2 * ((k - 1) / k) ** 0.5) ** 0.5  # ||I/sqrt(K) - E||_F
+    assert summary["nc2_w"] == pytest.approx(frame_distance, rel=1e-4)
+
+
+def test_a_run_stopped_early_has_a_positive_gap_and_no_false_alarm(job_runner) -> None:
+    _, summary = job_runner([*UFM, "trainer.epochs=1", "optim.max_iter=3", "loss=ce"])
+    assert summary["objective_gap"] > 1e-6 and not summary["reached_global_optimum"]
+    assert not summary["spurious_minimum_suspect"]
+
+
+def test_ufm_with_a_frozen_etf_head_skips_the_gap(job_runner) -> None:
+    _, summary = job_runner([*UFM, "head=etf", "trainer.epochs=2"])
+    assert "objective_gap" not in summary and summary["objective"] > 0
+
+
+def test_landscape_preset_spans_the_grid() -> None:
+    params = compose_cfg(["experiment=ufm_landscape"]).hydra.sweeper.params
+    assert params["dim"] == "K-1,K,K+1,2K"
+    assert params["dataset.num_classes"] == "4,10,100" and params["loss"] == "ce,mse"
+
+
+def test_landscape_sweep_runs_a_slice_from_the_cli(tmp_path) -> None:
+    result = run_cli(["-m", "experiment=ufm_landscape", "logger=none", "trainer.progress=false",
+                      "dataset.num_classes=4", "dim=K-1,K", "loss=ce", "seed=0",
+                      "arch.lambda_w=1e-3", "arch.lambda_h=1e-3", "trainer.epochs=10"],
+                     tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "2 done" in result.stdout
