@@ -164,9 +164,8 @@ class RunFolder:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise CheckpointError(
-                f"checkpoint {path} cannot be read ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else 'corrupt'}); delete it or run with "
-                "trainer.resume=never") from None
+                f"checkpoint {path} cannot be read ({type(err).__name__}: corrupt, truncated or "
+                "not a safe checkpoint); delete it or run with trainer.resume=never") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"checkpoint {path} is not an ncsweep checkpoint; delete it or "
                                   "run with trainer.resume=never")

@@ -1,0 +1,107 @@
+"""Interrupted runs resume from their checkpoint and end where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ncsweep.nc import KEYS
+from ncsweep.config import run_key
+from ncsweep.tracking import RunFolder
+from tests.conftest import run_cli
+
+RUN = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "arch.width=64",
+       "trainer.epochs=24", "trainer.eval_every=2", "trainer.checkpoint_every=1",
+       "trainer.batch_size=64", "name=resume"]
+COMPARED = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", *KEYS)
+
+
+def only_run(root: Path) -> RunFolder:
+    [path] = (root / "outputs" / "resume").iterdir()
+    return RunFolder(path)
+
+
+def rows_of(folder: RunFolder) -> list[dict]:
+    return [{k: r[k] for k in COMPARED} for r in folder.read_metrics()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> RunFolder:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(RUN, root)
+    assert result.returncode == 0, result.stderr
+    return only_run(root)
+
+
+def start_and_interrupt(root: Path, signum: int, after_rows: int) -> int:
+    """Start the CLI, wait until it has logged some eval rows, then signal it."""
+    env = {**os.environ, "WANDB_ERROR_REPORTING": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", *RUN], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(root.glob("outputs/resume/*/metrics.jsonl"))
+        metrics = found[0] if found else None
+        if metrics and len(metrics.read_text().splitlines()) >= after_rows:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signum)
+    proc.communicate(timeout=60)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, signum: int,
+                                                             uninterrupted: RunFolder) -> None:
+    code = start_and_interrupt(tmp_path, signum, after_rows=4)
+    folder = only_run(tmp_path)
+    assert code != 0 and folder.status == "started"
+    assert not folder.file("DONE").exists()
+    if signum == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM
+        assert folder.last_attempt()["outcome"] == "interrupted"
+    result = run_cli(RUN, tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = folder.read_summary()
+    assert summary["status"] == "done" and summary["resumed_from_epoch"] >= 1
+    assert rows_of(folder) == rows_of(uninterrupted)
+    expected = uninterrupted.read_summary()
+    assert {k: summary[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+
+
+def test_resume_must_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli([*RUN, "trainer.resume=must"], tmp_path)
+    assert result.returncode == 1
+    assert "trainer.resume=must but" in result.stderr and "checkpoint.pt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_corrupt_checkpoint_fails_clearly_and_a_rerun_fixes_only_that_job(
+        tmp_path: Path) -> None:
+    sweep = ["-m", "logger=none", "trainer.progress=false", "arch.width=32", "trainer.epochs=2",
+             "name=fix", "seed=0,1"]
+    root = tmp_path / "multirun" / "fix"
+    good = root / run_key("arch.width=32,seed=0,trainer.epochs=2")
+    bad = RunFolder(root / run_key("arch.width=32,seed=1,trainer.epochs=2"))
+    bad.path.mkdir(parents=True)
+    bad.file("checkpoint.pt").write_bytes(b"not a checkpoint")
+    first = run_cli(sweep, tmp_path)
+    assert first.returncode == 1
+    assert "1 done, 1 failed" in first.stdout and f"failed: {bad.path}" in first.stdout
+    assert bad.status == "failed" and "cannot be read" in bad.failure()
+    assert "trainer.resume=never" in bad.failure()
+    good_mtime = (good / "summary.json").stat().st_mtime_ns
+    bad.file("checkpoint.pt").unlink()
+    second = run_cli(sweep, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "1 done, 1 skipped" in second.stdout
+    assert (good / "summary.json").stat().st_mtime_ns == good_mtime
+    assert bad.status == "done" and bad.read_summary()["status"] == "done"
