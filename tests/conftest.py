@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ CONF = conf_dir()
 FAST = ["logger=none", "trainer.progress=false"]
 
 register_resolvers()
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # small models; parallel jobs must not thrash
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +69,80 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None =
                 **(env or {})}
     return subprocess.run([sys.executable, "-m", "ncsweep", *args], cwd=cwd, text=True,
                           capture_output=True, timeout=timeout, env=full_env)
+
+
+# The local single-node SLURM cluster (launch/local_slurm.sh). It needs root and Debian's
+# SLURM packages (installed with apt when missing); without them the SLURM tests skip with
+# the reason, except under CI=true, where they fail.
+SCRIPT = ROOT / "launch" / "local_slurm.sh"
+PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd", "mariadb-server")
+IN_CI = os.environ.get("CI", "").strip().lower() == "true"
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                 "DEADLINE", "PREEMPTED", "REVOKED")
+
+def _unavailable(reason: str) -> None:
+    """Skip, or fail under CI=true, where the SLURM tests must run."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: not skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _missing_packages() -> list[str]:
+    missing = []
+    for pkg in PACKAGES:
+        res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg],
+                             capture_output=True, text=True)
+        if res.stdout.strip() != "install ok installed":
+            missing.append(pkg)
+    return missing
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _script(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> Iterator[str]:
+    """A running local cluster; SLURM_CONF is exported in os.environ while the tests run."""
+    if os.geteuid() != 0:
+        _unavailable("the local SLURM cluster needs root (SlurmUser=root, apt)")
+    if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
+        _unavailable("the local SLURM cluster needs a Debian machine (dpkg-query, apt-get)")
+
+    was_running = _script("status", timeout=60).returncode == 0
+    # Minutes at most for a first install; seconds once the packages are present.
+    started = _script("start", timeout=900)
+    if started.returncode != 0:
+        still_missing = _missing_packages()
+        if still_missing:
+            _unavailable(f"apt could not install {still_missing}:\n{_tail(started.stderr)}")
+        pytest.fail(f"launch/local_slurm.sh start failed (exit {started.returncode}):\n"
+                    f"{_tail(started.stderr)}", pytrace=False)
+    last = started.stdout.strip().splitlines()[-1] if started.stdout.strip() else ""
+    assert last.startswith("export SLURM_CONF="), f"unexpected last line: {last!r}"
+    conf = last.removeprefix("export SLURM_CONF=")
+    assert Path(conf).is_file(), conf
+
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    try:
+        yield conf
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        if not was_running and os.environ.get("NCSWEEP_SLURM_KEEP") != "1":
+            _script("stop", timeout=180)
+
+
+def sacct_state(job_id: str, *extra: str) -> str:
+    """``State|ExitCode`` of a job as the accounting database has it."""
+    res = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode", *extra],
+                         capture_output=True, text=True, timeout=30)
+    return res.stdout.strip()

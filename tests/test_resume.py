@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ncsweep.nc import KEYS
 from ncsweep.config import run_key
+from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
 from tests.conftest import run_cli
 

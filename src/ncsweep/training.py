@@ -141,7 +141,8 @@ class Trainer:
                  eval_batch_size: int = 4096, device: str = "auto", eval_every: int = 10,
                  checkpoint_every: int | None = None, deterministic: bool = False,
                  dry_run: bool = False, resume: str = "auto", progress: bool = True,
-                 on_nonfinite: str = "fail", max_feature_bytes: int = 512 * 2**20) -> None:
+                 on_nonfinite: str = "fail", max_feature_bytes: int = 512 * 2**20,
+                 cpu_threads: int | None = None) -> None:
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
         self.device = resolve_device(device)
         self.eval_every = eval_every
@@ -149,6 +150,8 @@ class Trainer:
         self.deterministic, self.dry_run, self.resume = deterministic, dry_run, resume
         self.progress, self.on_nonfinite = progress, on_nonfinite
         self.max_feature_bytes = max_feature_bytes
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
 
     def seed_everything(self, seed: int) -> None:
         """Seed torch (all devices) and switch on deterministic kernels when asked."""
