@@ -11,7 +11,6 @@ import torch
 from ncsweep.theory import (
     UFMOptimum,
     hessian_min_eig,
-    simplex_etf_directions,
     ufm_hessian_min_eig,
     ufm_objective,
     ufm_optimum,
@@ -211,12 +210,6 @@ def test_optimum_has_neural_collapse_structure(loss, bias, lb):
         torch.testing.assert_close(h.view(k, n, d).mean((0, 1)), torch.zeros(d, dtype=F64))
 
 
-def test_simplex_etf_directions():
-    u = simplex_etf_directions(6, 5)
-    expected = (6 / 5) * (torch.eye(6, dtype=F64) - 1 / 6)
-    torch.testing.assert_close(u @ u.T, expected)
-
-
 def test_optimum_dtype_and_objective_consistency():
     opt = ufm_optimum(4, 4, 3, "ce", 1e-2, 1e-2, 1e-2, dtype=torch.float32)
     assert opt.weight.dtype == opt.features.dtype == opt.bias.dtype == torch.float32
@@ -381,8 +374,8 @@ def test_lanczos_on_gpu_large_origin():
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"loss": "mse", "lambda_b": 1e-3, "bias": True}, "penalised bias"),
-    ({"loss": "ce", "dim": 2}, "dim >= K-1"),
-    ({"loss": "mse", "bias": True, "dim": 2}, "dim >= K-1"),
+    ({"loss": "ce", "dim": 2}, "d >= K-1"),
+    ({"loss": "mse", "bias": True, "dim": 2}, "d >= K-1"),
     ({"loss": "mse", "bias": False, "dim": 3}, "orthogonal frame"),
     ({"loss": "ce", "lambda_w": 0.0}, "must be > 0"),
     ({"loss": "mse", "lambda_h": -1e-3}, "must be > 0"),

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ncsweep.heads import simplex_etf
 from ncsweep.losses import LOSS_FUNCTIONS
 
 DENSE_MAX_PARAMS = 200
@@ -125,23 +126,6 @@ def _row_norm_sq(
     return shrunk if frame == "orthogonal_frame" else (k - 1) / k * shrunk
 
 
-def simplex_etf_directions(num_classes: int, dim: int) -> torch.Tensor:
-    """Unit rows u_k (K, d) with pairwise cosine -1/(K-1), in the first K-1 coordinates.
-
-    Built from the Helmert basis of the complement of the all-ones vector, so it is
-    deterministic and needs only d >= K-1.
-    """
-    k = num_classes
-    if dim < k - 1:
-        raise ValueError(f"a simplex ETF of K={k} classes needs dim >= K-1 = {k - 1}; got {dim}")
-    basis = torch.zeros(k, dim, dtype=torch.float64)
-    for j in range(1, k):
-        basis[:j, j - 1] = 1.0
-        basis[j, j - 1] = -float(j)
-        basis[:, j - 1] /= math.sqrt(j * (j + 1))
-    return math.sqrt(k / (k - 1)) * basis
-
-
 def _orthogonal_frame_directions(num_classes: int, dim: int) -> torch.Tensor:
     """Orthonormal rows (K, d): the first K coordinate axes."""
     if dim < num_classes:
@@ -177,7 +161,7 @@ def ufm_optimum(
     if a > 0:
         regime = frame
         if frame == "etf":
-            directions = simplex_etf_directions(k, dim)
+            directions = simplex_etf(k, dim, "coordinate", dtype=torch.float64)
         else:
             directions = _orthogonal_frame_directions(k, dim)
     else:
