@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -131,7 +132,6 @@ class FitResult:
     train_time_s: float
     samples_seen: int
     peak_memory: PeakMemory
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -199,6 +199,7 @@ class Trainer:
         for epoch in range(start_epoch + 1, self.epochs + 1):
             epoch_rng = generator.get_state()
             loss_sum = torch.zeros((), device=self.device)
+            count = 0
             for index, (x, y) in enumerate(batches(data.train, self.batch_size, generator)):
                 if index < skip:
                     continue
@@ -207,11 +208,12 @@ class Trainer:
                                               epoch - 1, step, index))
                     raise StopRequested(f"stopped in epoch {epoch} after {index} batches")
                 loss_sum += self._step(model, loss_fn, optimizer, x, y).detach()
+                count += 1
                 step += 1
                 samples += y.numel()
             skip = 0
             scheduler.step()
-            self._check_finite(loss_sum, epoch)
+            self._end_epoch(loss_sum.item() / max(count, 1), epoch)
             if epoch % self.eval_every == 0 or epoch == self.epochs:
                 final = self._eval_point(model, loss_fn, data, epoch, step, optimizer, on_eval)
             if epoch % self.checkpoint_every == 0 or epoch == self.epochs:
@@ -237,10 +239,13 @@ class Trainer:
         optimizer.step(closure)
         return first_loss[0]
 
-    def _check_finite(self, loss_sum: torch.Tensor, epoch: int) -> None:
-        if self.on_nonfinite == "fail" and not math.isfinite(loss_sum.item()):
-            raise NonFiniteLoss(f"training loss became {loss_sum.item()} in epoch {epoch} "
+    def _end_epoch(self, mean_loss: float, epoch: int) -> None:
+        """One sync per epoch: stop on a non-finite loss, update the terminal's progress line."""
+        if self.on_nonfinite == "fail" and not math.isfinite(mean_loss):
+            raise NonFiniteLoss(f"training loss became {mean_loss} in epoch {epoch} "
                                 "(trainer.on_nonfinite=fail); lower the LR or check the data")
+        if self.progress and sys.stdout.isatty():
+            print(f"\repoch {epoch:>4}/{self.epochs}  loss {mean_loss:.4g}", end="", flush=True)
 
     def _eval_point(self, model: nn.Module, loss_fn: nn.Module, data: DataBundle, epoch: int,
                     step: int, optimizer: torch.optim.Optimizer,
@@ -252,7 +257,7 @@ class Trainer:
             row.update(extra(model.head, loss_fn))
         on_eval(row)
         if self.progress:
-            print(self._progress_line(row), flush=True)
+            print(("\r" if sys.stdout.isatty() else "") + self._progress_line(row), flush=True)
         return row
 
     def _progress_line(self, row: Row) -> str:
