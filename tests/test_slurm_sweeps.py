@@ -1,4 +1,4 @@
-"""Sweeps on the real local SLURM cluster: the design-card grid, and a preempted job that resumes."""
+"""Sweeps on the real local SLURM cluster: the design-card grid, a preempted job that resumes."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(local_slurm: s
     _wait_for_rows(root, 4, proc)
     job_id = _running_job_id()
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-    out, err = proc.communicate(timeout=400)
+    _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     [folder] = [RunFolder(p.parent) for p in root.glob("multirun/preempt/*/summary.json")]
     summary = folder.read_summary()

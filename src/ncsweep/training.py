@@ -99,7 +99,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_
     accumulator = NCAccumulator(data.num_classes, max_feature_bytes=max_feature_bytes)
     row = _split_metrics(model, loss_fn, data.train, eval_batch_size, "train", accumulator)
     weight, bias = model.head.weight, model.head.bias
-    if getattr(accumulator, "needs_second_pass", False):
+    if accumulator.needs_second_pass:
         for x, y in batches(data.train, eval_batch_size):
             accumulator.update_predictions(model.backbone(x), y, weight, bias)
     row.update(accumulator.compute(weight, bias))
@@ -200,7 +200,8 @@ class Trainer:
             epoch_rng = generator.get_state()
             loss_sum = torch.zeros((), device=self.device)
             count = 0
-            for index, (x, y) in enumerate(batches(data.train, self.batch_size, generator)):
+            train_batches = batches(data.train, self.batch_size, generator, augment=True)
+            for index, (x, y) in enumerate(train_batches):
                 if index < skip:
                     continue
                 if stop_requested():

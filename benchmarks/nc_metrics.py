@@ -1,0 +1,169 @@
+"""Speed and memory of ncsweep.nc: nc_metrics against one float64 Gram, and streaming state.
+
+Run: PYTHONPATH=src .venv/bin/python benchmarks/nc_metrics.py
+Each memory configuration runs in a fresh subprocess so that its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from ncsweep.nc import NCAccumulator, nc_metrics
+
+N, D, K = 50_000, 512, 10
+LOOP_SLICE = 5_000
+BATCH = 5_000
+REPEATS = 3
+BUDGET = 512 * 2**20
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) of REPEATS calls each, taken in turns so background load hits all."""
+    for fn in fns.values():
+        fn()
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(REPEATS):
+        for name, fn in fns.items():
+            runs[name].append(timed(fn))
+    return {
+        name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        for name, rs in runs.items()
+    }
+
+
+def per_sample_loop(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+    """NC1 and NCC agreement sample by sample in float64, as in published NC code."""
+    h, w, b = h.double(), w.double(), b.double()
+    means = torch.stack([h[y == c].mean(dim=0) for c in range(K)])
+    sigma_w = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64)
+    mismatches = 0
+    for i in range(h.shape[0]):
+        z = h[i] - means[y[i]]
+        sigma_w += torch.outer(z, z)
+        nearest = torch.argmin(torch.norm(h[i] - means, dim=1))
+        mismatches += int(torch.argmax(w @ h[i] + b) != nearest)
+    m = means - h.mean(dim=0)
+    eigval, eigvec = torch.linalg.eigh(m.T @ m / K)
+    eigval, eigvec = eigval[-(K - 1) :], eigvec[:, -(K - 1) :]
+    float(torch.trace(sigma_w / h.shape[0] @ eigvec @ torch.diag(1 / eigval) @ eigvec.T) / K)
+
+
+def speed() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=gen)
+    y = torch.randint(0, K, (N,), generator=gen)
+    w, b = torch.randn(K, D, generator=gen), torch.randn(K, generator=gen)
+    h64 = h.double()
+    print(
+        f"nc_metrics speed: N={N}, d={D}, K={K}, float32 features, torch {torch.__version__}, "
+        f"median of {REPEATS} interleaved runs, load average {os.getloadavg()[0]:.1f}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
+    threads = torch.get_num_threads()
+    for n_threads in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        med = interleaved_medians(
+            {"gram": lambda: h64.T @ h64, "nc": lambda: nc_metrics(h, y, w, b)}
+        )
+        (gram_wall, gram_cpu), (nc_wall, nc_cpu) = med["gram"], med["nc"]
+        print(
+            f"  {n_threads} thread(s): float64 Gram H64.T @ H64 (conversion excluded) "
+            f"{gram_wall:.3f} s wall / {gram_cpu:.3f} s CPU"
+        )
+        print(
+            f"  {n_threads} thread(s): nc_metrics (float64 conversion included)     "
+            f"{nc_wall:.3f} s wall / {nc_cpu:.3f} s CPU   ratio {nc_wall / gram_wall:.2f} wall, "
+            f"{nc_cpu / gram_cpu:.2f} CPU (target <= 1.5)"
+        )
+    loop = timed(lambda: per_sample_loop(h[:LOOP_SLICE], y[:LOOP_SLICE], w, b))[0]
+    loop *= N / LOOP_SLICE
+    print(
+        f"  1 thread(s): per-sample loop, {LOOP_SLICE} samples timed, x{N // LOOP_SLICE}: "
+        f"{loop:.1f} s = {loop / med['gram'][0]:.0f} x Gram, {loop / med['nc'][0]:.0f} x nc_metrics"
+    )
+    torch.set_num_threads(threads)
+
+
+def vm_kib(field: str) -> int:
+    """A VmXXX field of /proc/self/status in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux clear_refs value 5)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch number `index`, generated on the fly and reproducibly, so no run holds the data."""
+    gen = torch.Generator().manual_seed(1000 + index)
+    y = torch.randint(0, K, (BATCH,), generator=gen)
+    h = 3.0 * torch.nn.functional.one_hot(y, D).float() + torch.randn(BATCH, D, generator=gen)
+    return h, y
+
+
+def streaming_memory(n: int, max_feature_bytes: int) -> None:
+    """One streamed run: pass 1, pass 2 when the features were dropped, compute; print memory."""
+    acc = NCAccumulator(K, max_feature_bytes=max_feature_bytes)
+    w = torch.randn(K, D, generator=torch.Generator().manual_seed(1))
+    batch(0)
+    reset_peak_rss()
+    rss_start = vm_kib("VmRSS")
+    peak_tracked = 0
+    start = time.perf_counter()
+    for i in range(n // BATCH):
+        acc.update(*batch(i))
+        peak_tracked = max(peak_tracked, sum(acc.memory_bytes().values()))
+    final = acc.memory_bytes()
+    second_pass = final["kept_features"] == 0
+    if second_pass:
+        for i in range(n // BATCH):
+            acc.update_predictions(*batch(i), w)
+    out = acc.compute(w)
+    seconds = time.perf_counter() - start
+    peak_rss = (vm_kib("VmHWM") - rss_start) / 1024
+    print(
+        f"  N={n:>7,} budget {max_feature_bytes / 2**20:3.0f} MiB | state "
+        f"{final['state'] / 2**20:4.2f} MiB, kept at end {final['kept_features'] / 2**20:5.1f} "
+        f"MiB, peak tracked {peak_tracked / 2**20:5.1f} MiB | peak RSS +{peak_rss:5.1f} MiB | "
+        f"nc4 from {'2nd pass' if second_pass else 'kept'}: nc1={out['nc1']:.4f} "
+        f"nc4={out['nc4']:.4f} | {seconds:.0f} s",
+        flush=True,
+    )
+
+
+def memory() -> None:
+    print(
+        f"NCAccumulator memory, d={D}, K={K}, float32 batches of {BATCH} made on the fly; "
+        f"tracked = its tensors (state + kept), RSS = VmHWM over VmRSS before the first batch"
+    )
+    for budget in (BUDGET, 0):
+        for n in (50_000, 500_000):
+            subprocess.run([sys.executable, __file__, "--memory", str(n), str(budget)], check=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--memory"]:
+        streaming_memory(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        speed()
+        memory()
