@@ -13,7 +13,7 @@ import pytest
 
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import run_cli, sacct_state
+from tests.conftest import ROOT, run_cli, sacct_state
 
 pytestmark = pytest.mark.slurm
 
@@ -86,3 +86,32 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(local_slurm: s
     rows = [{k: r[k] for k in COMPARED} for r in folder.read_metrics()]
     assert rows == [{k: r[k] for k in COMPARED} for r in expected.read_metrics()]
     assert {k: summary[k] for k in COMPARED} == {k: expected.read_summary()[k] for k in COMPARED}
+
+
+SLICES = {  # a slice of each published grid, dry-run: it checks the one command, not the science
+    "design_card.sh": (["seed=0"], 4),
+    "ufm_landscape.sh": (["dataset.num_classes=4", "dim=K", "loss=ce", "arch.lambda_w=1e-3",
+                          "arch.lambda_h=1e-3", "seed=0"], 1),
+}
+
+
+@pytest.mark.parametrize("script", sorted(SLICES))
+def test_launch_scripts_run_their_grid_on_slurm(local_slurm: str, tmp_path: Path,
+                                                script: str) -> None:
+    overrides, jobs = SLICES[script]
+    result = subprocess.run(
+        [str(ROOT / "launch" / script), *overrides, "trainer.dry_run=true", "logger=none",
+         "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.cpus_per_task=1"],
+        cwd=tmp_path, text=True, capture_output=True, timeout=300,
+        env={**os.environ, "NCSWEEP_SLURM_PARTITION": "local"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("multirun/*/*/summary.json")]
+    assert len(runs) == jobs and all(r["status"] == "dry_run" for r in runs)
+    assert all(r["params_total"] > 0 for r in runs)
+
+
+def test_launch_scripts_cover_the_launch_folder() -> None:
+    scripts = {p.name for p in (ROOT / "launch").glob("*.sh")
+               if not p.name.startswith(("_", "local_"))}
+    assert scripts == set(SLICES)
