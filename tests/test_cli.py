@@ -92,3 +92,4 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path: Path) -> None:
             assert theirs[key] == pytest.approx(mine[key], rel=1e-12)
     assert mirror["config"]["feature_dim"] == 512
     assert mirror["summary"]["nc1"] == pytest.approx(summary["nc1"], rel=1e-12)
+    assert mirror["exit_code"] == 0

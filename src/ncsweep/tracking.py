@@ -143,7 +143,8 @@ class RunFolder:
     def failure(self) -> str | None:
         """The first line of the FAILED marker, if any."""
         path = self.file(FAILED)
-        return path.read_text().splitlines()[0] if path.exists() else None
+        lines = path.read_text().splitlines() if path.exists() else []
+        return lines[0] if lines else None
 
     def save_checkpoint(self, state: Mapping, run_key: str) -> None:
         """Save training state atomically (temp file + rename); only the last one is kept."""
@@ -261,7 +262,7 @@ def _wandb_records(path: Path) -> Iterable[bytes]:
 
 
 def read_wandb_offline(path: str | os.PathLike) -> dict:
-    """Config, history rows and summary of an offline W&B run, read without a server."""
+    """Config, history rows, summary and exit code of an offline W&B run, read without a server."""
     import wandb
     from wandb.proto import wandb_internal_pb2
 
@@ -274,6 +275,7 @@ def read_wandb_offline(path: str | os.PathLike) -> dict:
     config: dict = {}
     history: list[dict] = []
     summary: dict = {}
+    exit_code: int | None = None
     for file in files:
         for payload in _wandb_records(file):
             record = wandb_internal_pb2.Record.FromString(payload)
@@ -282,10 +284,12 @@ def read_wandb_offline(path: str | os.PathLike) -> dict:
                 history.append(_items(record.history.item))
             elif kind == "summary":
                 summary.update(_items(record.summary.update))
+            elif kind == "exit":
+                exit_code = record.exit.exit_code
             elif kind in ("run", "config"):
                 items = record.run.config.update if kind == "run" else record.config.update
                 config.update(_items(items))
-    return {"config": config, "history": history, "summary": summary}
+    return {"config": config, "history": history, "summary": summary, "exit_code": exit_code}
 
 
 def _items(items: Iterable) -> dict:

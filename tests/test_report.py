@@ -1,0 +1,348 @@
+"""The report against real runs of the CLI: values, failures kept apart, verdicts, figures, CLI.
+
+One module-scoped fixture runs two tiny real sweeps side by side: a head x dim x seed grid on the
+digits whose (etf, d=K-2) jobs fail, and a UFM sweep mirrored to offline W&B runs. Aggregates and
+verdicts are also checked on a table built by hand, where every number is known.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ncsweep.report import (
+    claim_verdicts,
+    claims_table,
+    format_claims,
+    load,
+    load_history,
+    load_runs,
+    main,
+    mixed_cells,
+    not_averaged,
+    ufm_table,
+    write_report,
+)
+from ncsweep.tracking import RunFolder, wandb_offline_files
+from tests.conftest import ROOT, run_cli
+
+TINY = ["trainer.epochs=2", "trainer.eval_every=1", "arch.width=32", "trainer.progress=false"]
+SWEEPS = {
+    "card": ["-m", "head=etf,learned", "dim=K,512,K-2", "seed=0,1", *TINY, "logger=none",
+             "name=card"],
+    "ufm": ["-m", "experiment=ufm", "dataset.num_classes=4", "dataset.n_per_class=5",
+            "trainer.epochs=5", "seed=0,1", "trainer.progress=false"],
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def report_cli(args: list[str], cwd: Path, env: dict | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real ``python -m ncsweep.report`` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "ncsweep.report", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout,
+                          env={**os.environ, "WANDB_ERROR_REPORTING": "false", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real sweeps under ``<root>/multirun``: card (10 done, 2 failed) and ufm (2, with W&B)."""
+    root = tmp_path_factory.mktemp("report")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(len(SWEEPS)) as pool:
+        results = dict(zip(SWEEPS, pool.map(lambda a: run_cli(a, root, env=env),
+                                            SWEEPS.values()), strict=True))
+    assert results["card"].returncode == 1 and "10 done, 2 failed" in results["card"].stdout, (
+        results["card"].stdout + results["card"].stderr)
+    assert results["ufm"].returncode == 0, results["ufm"].stderr
+    return root / "multirun"
+
+
+@pytest.fixture(scope="module")
+def cli_report(sweeps: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """The CLI run once over both sweeps."""
+    out = sweeps.parent / "report-all"
+    return report_cli([str(sweeps), "--out", str(out)], sweeps.parent), out
+
+
+def folders(sweep: Path, status: str = "done") -> list[RunFolder]:
+    return [RunFolder(p) for p in sorted(sweep.iterdir()) if RunFolder(p).status == status]
+
+
+def test_rows_equal_what_the_runs_wrote(sweeps: Path) -> None:
+    runs = load_runs(sweeps / "card").set_index("path")
+    assert len(runs) == 12 and sorted(runs["status"].value_counts().items()) == [
+        ("done", 10), ("failed", 2)]
+    runs = runs[runs["status"] == "done"]
+    for folder in folders(sweeps / "card"):
+        row, summary = runs.loc[str(folder.path.resolve())], folder.read_summary()
+        for key, value in summary.items():
+            if isinstance(value, float):
+                assert row[key] == pytest.approx(value, rel=1e-12), key
+            elif isinstance(value, (int, str, bool)):
+                assert row[key] == value, key
+        assert row["run_key"] == folder.path.name and row["name"] == "card"
+    assert set(zip(runs["head"], runs["feature_dim"], runs["seed"], strict=True)) == {
+        (h, d, s) for h in ("etf", "learned") for d in (10, 512) for s in (0, 1)} | {
+        ("learned", 8, 0), ("learned", 8, 1)}
+
+
+def test_history_rows_equal_metrics_jsonl(sweeps: Path) -> None:
+    history = load_history(sweeps / "card")
+    for folder in folders(sweeps / "card"):
+        mine = history[history["path"] == str(folder.path.resolve())]
+        rows = folder.read_metrics()
+        assert list(mine["epoch"]) == [r["epoch"] for r in rows] == [0, 1, 2]
+        for key in ("nc1", "nc2_m", "nc3", "nc4", "train_acc", "test_acc", "step"):
+            assert list(mine[key]) == pytest.approx([r[key] for r in rows], rel=1e-12)
+        assert set(mine["head"]) == {folder.read_summary()["head"]}
+
+
+def test_failed_and_running_runs_are_listed_apart_never_averaged(sweeps: Path,
+                                                                 tmp_path: Path) -> None:
+    card = load_runs(sweeps / "card")
+    failed = card[card["status"] == "failed"]
+    bad = folders(sweeps / "card", "failed")
+    assert sorted(failed["reason"]) == sorted(f.failure() for f in bad) and len(bad) == 2
+    assert all("dim='K-2' is not allowed" in reason for reason in failed["reason"])
+    assert set(zip(failed["head"], failed["dim"], failed["seed"], strict=True)) == {
+        ("etf", "K-2", 0), ("etf", "K-2", 1)}
+    assert sorted(not_averaged(card)["path"]) == sorted(str(f.path.resolve()) for f in bad)
+    extra = tmp_path / "extra"
+    sources = {name: next(p for p in (sweeps / "card").iterdir()
+                          if f"dim={d},head=etf,seed=0" in p.name)
+               for name, d in (("crashed", "K"), ("killed", "K"), ("dry", "512"))}
+    for name, source in sources.items():
+        shutil.copytree(source, extra / name)
+    RunFolder(extra / "crashed").mark_failed(RuntimeError("boom"))
+    killed = RunFolder(extra / "killed")
+    killed.file("DONE").unlink()
+    killed.write_summary({**killed.read_summary(), "test_acc": 0.0, "train_acc": 0.0})
+    dry = RunFolder(extra / "dry")
+    dry.reset()
+    dry.write_summary({**RunFolder(sources["dry"]).read_summary(), "status": "dry_run"})
+    runs = load_runs([sweeps / "card", extra])
+    status = runs.set_index(runs["path"].map(lambda p: Path(p).name))["status"]
+    assert status[["crashed", "killed", "dry"]].tolist() == ["failed", "running", "dry_run"]
+    apart = not_averaged(load_runs(extra))
+    assert sorted(apart["status"]) == ["dry_run", "failed", "running"]
+    assert apart.set_index("status").loc["failed", "reason"] == "RuntimeError: boom"
+    assert "no DONE or FAILED marker" in apart.set_index("status").loc["running", "reason"]
+    alone = claims_table(load_runs(sweeps / "card")).set_index("setting")
+    mixed = claims_table(runs).set_index("setting")
+    cell = mixed.loc["etf, d=K"]
+    assert (cell["n_done"], cell["n_failed"], cell["n_running"]) == (2, 1, 1)
+    assert cell["test_acc_mean"] == alone.loc["etf, d=K", "test_acc_mean"]
+    assert mixed.loc["etf, d=large", "n_done"] == 2
+    assert alone["n_done"].tolist() == [2, 2, 2, 2] and alone["n_failed"].sum() == 0
+
+
+def hand_runs() -> pd.DataFrame:
+    """Known finals: 3 seeds per setting, one failed ETF run, no (etf, 512) in the mse group."""
+    rows = []
+    accs = {("learned", 512): (0.90, 0.92, 0.94), ("learned", 10): (0.80, 0.82, 0.84),
+            ("etf", 512): (0.91, 0.93, 0.95), ("etf", 10): (0.89, 0.92, 0.92)}
+    params = {("learned", 512): 11_181_642, ("learned", 10): 8_867_642,
+              ("etf", 512): 11_176_522, ("etf", 10): 8_867_542}
+    memory = {("learned", 512): 1000, ("learned", 10): 900, ("etf", 512): 990, ("etf", 10): 800}
+    for loss in ("ce", "mse"):
+        for (head, dim), values in accs.items():
+            if loss == "mse" and (head, dim) == ("etf", 512):
+                continue
+            for seed, acc in enumerate(values):
+                rows.append({
+                    "dataset": "cifar10", "arch": "resnet18", "loss": loss, "head": head,
+                    "feature_dim": dim, "num_classes": 10, "seed": seed, "status": "done",
+                    "test_acc": acc, "train_acc": 1.0, "nc1": 10.0 ** -seed, "nc2_m": 0.1,
+                    "nc3": 0.2, "nc4": 0.0, "params_trainable": params[(head, dim)],
+                    "params_total": params[(head, dim)] + (10 * dim if head == "etf" else 0),
+                    "peak_memory_bytes": memory[(head, dim)] * 2**20,
+                    "peak_memory_kind": "cuda_max_allocated", "diverged": False,
+                    "epochs_to_full_train_acc": 40 + seed, "path": f"{loss}/{head}/{dim}/{seed}"})
+    rows.append({**rows[-1], "seed": 3, "status": "failed", "test_acc": 0.0, "path": "x/failed",
+                 "diverged": True, "epochs_to_full_train_acc": None})
+    return pd.DataFrame(rows)
+
+
+def test_claims_table_aggregates_and_verdicts_on_known_input() -> None:
+    table = claims_table(hand_runs())
+    ce = table[table["loss"] == "ce"].set_index("setting")
+    etf = ce.loc["etf, d=K"]
+    assert list(ce.index) == ["learned, d=large", "learned, d=K", "etf, d=large", "etf, d=K"]
+    assert (etf["n_done"], etf["n_failed"], etf["n_diverged"], etf["seeds"]) == (3, 0, 0, "0,1,2")
+    assert etf["test_acc_mean"] == pytest.approx(0.91)
+    assert etf["test_acc_std"] == pytest.approx(pd.Series([0.89, 0.92, 0.92]).std())
+    assert etf["test_acc_delta_pts"] == pytest.approx(-1.0)
+    assert etf["params_trainable_saved_pct"] == pytest.approx(20.696, abs=1e-3)
+    assert etf["peak_memory_bytes_saved_pct"] == pytest.approx(20.0)
+    assert etf["epochs_to_full_train_acc_mean"] == pytest.approx(41.0)
+    mse = table[table["loss"] == "mse"].set_index("setting")
+    assert mse.loc["etf, d=K", "n_failed"] == 1 and mse.loc["etf, d=K", "n_diverged"] == 1
+    assert mse.loc["etf, d=K", "test_acc_mean"] == pytest.approx(0.91)
+    assert mse.loc["etf, d=large", "n_done"] == 0
+    assert format_claims(table, {"dataset": "cifar10", "arch": "resnet18", "loss": "mse"}).loc[
+        "finished runs (seeds)", "etf, d=512"] == "missing (no finished runs)"
+    verdicts = claim_verdicts(table).set_index(["loss", "claim"])
+    assert verdicts.loc[("ce", "accuracy"), "verdict"] == "no"
+    assert verdicts.loc[("ce", "accuracy"), "text"].startswith(
+        "ETF + d=K within 0.5 points of baseline test accuracy (or above it): no "
+        "(91.00% vs 92.00%, -1.00 pts; 3 seeds each)")
+    lenient = claim_verdicts(table, tolerance_pts=1.5).set_index(["loss", "claim"])
+    assert lenient.loc[("ce", "accuracy"), "verdict"] == "yes"
+    assert verdicts.loc[("ce", "parameters"), "verdict"] == "20.7%"
+    assert "20.7% of trainable parameters" in verdicts.loc[("ce", "parameters"), "text"]
+    assert verdicts.loc[("ce", "memory"), "text"].startswith(
+        "peak memory saved by ETF + d=K: 20.0% (cuda_max_allocated")
+    assert verdicts.loc[("mse", "stability"), "verdict"] == "no"
+    assert "failed or diverged runs 1 vs 0" in verdicts.loc[("mse", "stability"), "text"]
+    assert "epochs to 100% train accuracy 41 (3/3 runs)" in verdicts.loc[
+        ("ce", "stability"), "text"]
+
+
+def test_missing_baseline_and_mixed_memory_kinds_are_said_not_crashed() -> None:
+    runs = hand_runs()
+    no_base = runs[~((runs["head"] == "learned") & (runs["feature_dim"] == 512))]
+    verdicts = claim_verdicts(claims_table(no_base))
+    assert set(verdicts["verdict"]) == {"n/a"}
+    assert "no finished runs for learned, d=large" in verdicts["text"].iloc[0]
+    runs.loc[runs["head"] == "etf", "peak_memory_kind"] = "cpu_peak_rss"
+    memory = claim_verdicts(claims_table(runs)).set_index(["loss", "claim"])
+    assert memory.loc[("ce", "memory"), "verdict"] == "n/a"
+    assert "not comparable" in memory.loc[("ce", "memory"), "text"]
+
+
+def test_ufm_runs_table_and_loud_suspects(sweeps: Path, tmp_path: Path) -> None:
+    runs, history = load(sweeps / "ufm")
+    table = ufm_table(runs)
+    assert table[["num_classes", "feature_dim", "loss", "n", "n_optimum"]].values.tolist() == [
+        [4, 4, "ce", 2, 2]]
+    assert table["gap_max"].iloc[0] == pytest.approx(runs["objective_gap"].max())
+    runs.loc[0, ["spurious_minimum_suspect", "reached_global_optimum"]] = [True, False]
+    write_report(runs, history, tmp_path / "out", sources=["hand-edited"])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**WARNING:** **1 UFM run(s) flagged spurious_minimum_suspect**" in text
+    assert runs.loc[0, "path"] in text and "no spurious local minimum found: NO" in text
+    assert "1/2 (50%)" in text
+    assert (tmp_path / "out" / "ufm.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_offline_wandb_reader_returns_the_run_folders_metrics(sweeps: Path) -> None:
+    for folder in folders(sweeps / "ufm"):
+        offline = wandb_offline_files(folder.path)[0].parent
+        mine, my_history = load(folder.path)
+        theirs, their_history = load(offline)
+        assert theirs["source"].tolist() == ["wandb_offline"]
+        assert mine["status"].tolist() == ["done"]
+        for key in ("status", "dataset", "arch", "loss", "head", "feature_dim", "num_classes",
+                    "seed", "optimizer", "dim", "name", "run_key", "params_trainable",
+                    "reached_global_optimum", "spurious_minimum_suspect", "last_epoch"):
+            assert theirs[key].iloc[0] == mine[key].iloc[0], key
+        for key in ("train_acc", "nc1", "nc2_m", "nc3", "nc4", "objective", "objective_gap",
+                    "hessian_min_eig", "grad_norm", "wall_time_s"):
+            assert theirs[key].iloc[0] == pytest.approx(mine[key].iloc[0], rel=1e-12), key
+        assert list(their_history["epoch"]) == list(my_history["epoch"]) == [0, 5]
+        for key in ("nc1", "nc3", "train_acc", "objective_gap"):
+            assert list(their_history[key]) == pytest.approx(list(my_history[key]), rel=1e-12)
+
+
+def test_cli_writes_report_files_and_figures(cli_report: tuple, sweeps: Path) -> None:
+    result, out = cli_report
+    assert result.returncode == 0, result.stderr
+    assert "14 runs (12 done, 2 failed)" in result.stdout
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["curves-digits-mlp-ce.png", "resources-digits-mlp-ce.png", "ufm.png"]
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1024, name
+    csv = pd.read_csv(out / "runs.csv")
+    assert len(csv) == 14 and sorted(csv["status"].value_counts().items()) == [
+        ("done", 12), ("failed", 2)]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "ETF + d=K within 0.5 points of baseline test accuracy" in md
+    assert "peak memory saved by ETF + d=K" in md and "(cpu_peak_rss" in md
+    apart = md.split("## Runs not averaged")[1]
+    for failed in folders(sweeps / "card", "failed"):
+        assert str(failed.path.resolve()) in apart
+    assert "dim='K-2' is not allowed" in apart
+    assert "other settings, not in the table: learned, d=8" in md
+    assert "UFM landscape" in md and "![" in md
+    assert page.startswith("<!doctype html>") and "<table" in page and 'src="ufm.png"' in page
+    assert "within 0.5 points" in page
+
+
+def test_group_by_name_separates_sweeps_that_default_grouping_mixes(
+        sweeps: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = hand_runs()
+    runs["name"] = ["first" if s % 2 else "second" for s in runs["seed"]]
+    assert any("differ in name" in note for note in mixed_cells(runs))
+    keys = ["name", "dataset", "arch", "loss"]
+    assert mixed_cells(runs, keys) == []
+    table = claims_table(runs, keys)
+    assert sorted(set(table["name"])) == ["first", "second"]
+    assert table.set_index(["name", "loss", "setting"]).loc[
+        ("first", "ce", "etf, d=K"), "n_done"] == 1
+    assert main([str(sweeps / "card"), "--group-by", "dataset,nope"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "ncsweep.report: error: --group-by nope: not a run column (try dataset, arch, loss, "
+        "optimizer, name, seed)")
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda tmp: [str(tmp / "nope")], "no such file or folder: "),
+    (lambda tmp: [str(tmp)], "no runs under "),
+    (lambda tmp: ["wandb://x/y"], "W&B server http://127.0.0.1:9 is not reachable"),
+    (lambda tmp: ["wandb://x"], "bad W&B source 'wandb://x'"),
+])
+def test_cli_bad_input_fails_fast_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture, make_args,
+                                                message: str) -> None:
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    (tmp_path / "empty").mkdir()
+    started = time.monotonic()
+    code = main([*make_args(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert time.monotonic() - started < 15
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith("ncsweep.report: error: ") and message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_cli_wandb_default_server_unreachable_fails_within_15s(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_BASE_URL"}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "ncsweep.report", "wandb://x/y"], cwd=tmp_path,
+                            text=True, capture_output=True, timeout=60, env=env)
+    assert time.monotonic() - started < 15
+    if result.returncode == 0:
+        pytest.skip("a W&B server answered for wandb://x/y")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("ncsweep.report: error: ")
+    assert not (tmp_path / "report").exists()
+
+
+def test_notebook_runs_headless_against_the_sweep(sweeps: Path) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(ROOT / "notebooks" / "report.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")
+    os.environ["NCSWEEP_REPORT_RUNS"] = str(sweeps)
+    try:
+        nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT / "notebooks")}}
+                                ).execute()
+    finally:
+        del os.environ["NCSWEEP_REPORT_RUNS"]
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3
+    text = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    assert "ETF + d=K within 0.5 points" in text
