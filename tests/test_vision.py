@@ -368,8 +368,6 @@ def test_a_missing_data_set_fails_the_cli_at_once(missing_data_cli) -> None:
     assert not (cwd / "data").exists()  # nothing downloaded, no folder made
 
 
-@pytest.mark.xfail(strict=True, reason="jobs.py prints the error Hydra's instantiate wraps "
-                   "(InstantiationException, 3 lines); it should print the cause on one line")
 def test_a_missing_data_set_is_one_line_through_the_cli(missing_data_cli) -> None:
     _, result = missing_data_cli
     lines = result.stderr.strip().splitlines()

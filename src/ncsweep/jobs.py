@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -103,6 +104,7 @@ def run_job(cfg: DictConfig) -> dict:
     except (ConfigError, CheckpointError) as err:
         return _fail(context, err, f"ncsweep: error: {err}")
     except Exception as err:
+        err = _root_cause(err)
         return _fail(context, err, f"ncsweep: {context.key} FAILED: {type(err).__name__}: "
                                    f"{err} (traceback in {folder.file('FAILED')})")
     finally:
@@ -114,6 +116,13 @@ def run_job(cfg: DictConfig) -> dict:
 
 class StopRequestedExit(Exception):
     """Raised after a preemption checkpoint so run_job hands the signal on."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The builder's own error, not Hydra's InstantiationException wrapped around it."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def _say(context: JobContext, line: str) -> None:
