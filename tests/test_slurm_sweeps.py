@@ -92,6 +92,8 @@ SLICES = {  # a slice of each published grid, dry-run: it checks the one command
     "design_card.sh": (["seed=0"], 4),
     "ufm_landscape.sh": (["dataset.num_classes=4", "dim=K", "loss=ce", "arch.lambda_w=1e-3",
                           "arch.lambda_h=1e-3", "seed=0"], 1),
+    "zhu2021_cifar10_resnet18.sh": (["head=etf", "dim=K", "seed=0"], 1),
+    "zhou2022_mse_dims.sh": (["dim=9"], 1),
 }
 
 
