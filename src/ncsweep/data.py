@@ -139,6 +139,8 @@ def batches(split: Split, batch_size: int | None, generator: torch.Generator | N
             augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of a split on its labels' device; shuffled when a generator is given.
 
+    A full batch is not shuffled: the order changes nothing but the cost of the gather.
+
     Stored images pass through the split's ``view`` (normalisation, and with ``augment`` the
     random crop and flip, drawn from ``generator``); a file-backed split is read by a
     DataLoader's workers and moved to the device batch by batch.
@@ -146,7 +148,8 @@ def batches(split: Split, batch_size: int | None, generator: torch.Generator | N
     n = len(split)
     size = n if not batch_size else min(batch_size, n)
     device = split.labels.device
-    order = None if generator is None else torch.randperm(n, generator=generator).to(device)
+    shuffle = generator is not None and size < n  # a full batch is the same set in any order
+    order = torch.randperm(n, generator=generator).to(device) if shuffle else None
     if split.source is not None:
         rows = (order.cpu() if order is not None else torch.arange(n)).split(size)
         for x, pos in split.source.read(split.inputs, rows, augment, generator, device):

@@ -18,9 +18,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def half_squared_error(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of (1/2)||z - e_y||^2 with one-hot targets."""
-    target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    return 0.5 * (logits - target).pow(2).sum(dim=1).mean()
+    """Mean over samples of (1/2)||z - e_y||^2, subtracting 1 in place of a one-hot target."""
+    minus_one = torch.full((labels.shape[0], 1), -1.0, dtype=logits.dtype, device=logits.device)
+    residual = logits.scatter_add(1, labels[:, None], minus_one)
+    return 0.5 * residual.pow(2).sum(dim=1).mean()
 
 
 LOSS_FUNCTIONS = {"ce": cross_entropy, "mse": half_squared_error}
