@@ -89,7 +89,7 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(local_slurm: s
 
 
 SLICES = {  # a slice of each published grid, dry-run: it checks the one command, not the science
-    "design_card.sh": (["seed=0"], 4),
+    "design_card.sh": (["seed=0", "head=etf", "dim=K"], 1),
     "ufm_landscape.sh": (["dataset.num_classes=4", "dim=K", "loss=ce", "arch.lambda_w=1e-3",
                           "arch.lambda_h=1e-3", "seed=0"], 1),
     "zhu2021_cifar10_resnet18.sh": (["head=etf", "dim=K", "seed=0"], 1),

@@ -357,7 +357,8 @@ def test_ufm_origin_min_eig_formula():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the Lanczos probe at K = d = 1000 on the device")
 def test_lanczos_on_gpu_large_origin():
     k, d, n, lam = 1000, 1000, 5, 1e-4
     device = torch.device("cuda")
