@@ -124,7 +124,7 @@ class UFMFeatures(nn.Module):
         lambda_w, lambda_h, lambda_b = self.lambdas
         value = 0.5 * lambda_h * self.features.pow(2).sum()
         value = value + 0.5 * lambda_w * head.weight.pow(2).sum()
-        if head.bias is not None:
+        if head.bias is not None and lambda_b:
             value = value + 0.5 * lambda_b * head.bias.pow(2).sum()
         return value
 

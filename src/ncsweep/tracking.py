@@ -187,14 +187,13 @@ class WandbMirror:
     def start(self, run_dir: Path, run_id: str, name: str, group: str, config: Mapping,
               quiet: bool = False) -> None:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-        if quiet:
-            os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, tags=self.tags,
             dir=str(run_dir), id=run_id, name=name, group=group, resume="allow",
             config=_jsonable(config), reinit="finish_previous",
+            settings=wandb.Settings(quiet=True, silent=quiet),
         )
 
     def log(self, row: Mapping, step: int) -> None:
