@@ -89,3 +89,11 @@ def test_training_on_cuda_records_allocator_peaks(job_runner) -> None:
     assert summary["device"].startswith("cuda")
     assert summary["peak_memory_kind"] == "cuda_max_allocated"
     assert 0 < summary["peak_memory_bytes"] <= summary["peak_memory_reserved_bytes"]
+
+
+def test_a_config_error_leaves_a_finished_run_alone(job_runner, tmp_path) -> None:
+    out, done = job_runner(SHORT, folder="kept")
+    with pytest.raises(SystemExit):
+        job_runner([*SHORT, "trainer.device=tpu"], folder="kept")
+    folder = RunFolder(out)
+    assert folder.status == "done" and folder.read_summary() == done

@@ -87,7 +87,7 @@ def run_job(cfg: DictConfig) -> dict:
     try:
         plain = validate(cfg)
     except ConfigError as err:
-        return _fail(context, err, f"ncsweep: error: {err}")
+        return _fail(context, err, f"ncsweep: error: {err}", before_work=True)
     trainer_cfg = plain["trainer"]
     if (folder.status == "done" and trainer_cfg["resume"] != "never"
             and not trainer_cfg["dry_run"]):
@@ -130,9 +130,11 @@ def _say(context: JobContext, line: str) -> None:
           flush=True)
 
 
-def _fail(context: JobContext, err: BaseException, line: str) -> dict:
-    context.folder.prepare()
-    context.folder.mark_failed(err)
+def _fail(context: JobContext, err: BaseException, line: str, before_work: bool = False) -> dict:
+    """Mark the job failed; an error found before any work leaves a finished run's DONE alone."""
+    if not (before_work and context.folder.status == "done"):
+        context.folder.prepare()
+        context.folder.mark_failed(err)
     context.folder.record_attempt("failed")
     _say(context, line)
     if not context.multirun:
