@@ -92,7 +92,7 @@ def run_job(cfg: DictConfig) -> dict:
     if (folder.status == "done" and trainer_cfg["resume"] != "never"
             and not trainer_cfg["dry_run"]):
         folder.record_attempt("skipped")
-        _say(context, f"ncsweep: {context.key}: already done, skipped ({folder.path})")
+        print(f"ncsweep: {context.key}: already done, skipped ({folder.path})", flush=True)
         return {"status": "skipped", "dir": str(folder.path)}
     stop = StopFlag()
     stop.install()
@@ -110,7 +110,7 @@ def run_job(cfg: DictConfig) -> dict:
     finally:
         stop.restore()
     folder.record_attempt(summary["status"])
-    _say(context, f"ncsweep: {context.key}: {summary['status']}; results in {folder.path}")
+    print(f"ncsweep: {context.key}: {summary['status']}; results in {folder.path}", flush=True)
     return {"status": summary["status"], "dir": str(folder.path)}
 
 
@@ -125,9 +125,6 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _say(context: JobContext, line: str) -> None:
-    print(line, file=sys.stderr if "error" in line or "FAILED" in line else sys.stdout,
-          flush=True)
 
 
 def _fail(context: JobContext, err: BaseException, line: str, before_work: bool = False) -> dict:
@@ -136,7 +133,7 @@ def _fail(context: JobContext, err: BaseException, line: str, before_work: bool 
         context.folder.prepare()
         context.folder.mark_failed(err)
     context.folder.record_attempt("failed")
-    _say(context, line)
+    print(line, file=sys.stderr, flush=True)
     if not context.multirun:
         raise SystemExit(1)
     return {"status": "failed", "dir": str(context.folder.path), "error": str(err)}

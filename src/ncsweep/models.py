@@ -291,6 +291,8 @@ class ImageBackbone(nn.Module):
     inputs NHWC; ``compile`` wraps the forward in ``torch.compile``.
     """
 
+    VARIANTS: tuple[str, ...] = ()
+
     def _finish(self, weights: str | None, freeze: str, amp: str | None, channels_last: bool,
                 compile: bool) -> None:
         _check_choice("arch.freeze", freeze, FREEZE)
@@ -313,6 +315,16 @@ class ImageBackbone(nn.Module):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         self._run = torch.compile(self.features_of) if compile else self.features_of
+
+    def _torchvision_net(self, input_shape: Sequence[int], variant: str, stem: str,
+                         feature_layer: str) -> tuple[nn.Module, int]:
+        """Check the arch options and build torchvision's untrained ``variant``; (net, channels)."""
+        from torchvision import models
+
+        _check_choice("arch.variant", variant, self.VARIANTS)
+        _check_choice("arch.stem", stem, STEMS)
+        _check_choice("arch.feature_layer", feature_layer, FEATURE_LAYERS)
+        return getattr(models, variant)(weights=None), _image_channels(input_shape, variant)
 
     def last_block(self) -> list[nn.Module]:
         """The modules that ``freeze=all_but_last_block`` leaves trainable."""
@@ -355,13 +367,7 @@ class ResNet(ImageBackbone):
                  freeze: str = "none", amp: str | None = None, channels_last: bool = False,
                  compile: bool = False) -> None:
         super().__init__()
-        from torchvision import models
-
-        _check_choice("arch.variant", variant, self.VARIANTS)
-        _check_choice("arch.stem", stem, STEMS)
-        _check_choice("arch.feature_layer", feature_layer, FEATURE_LAYERS)
-        channels = _image_channels(input_shape, variant)
-        net = getattr(models, variant)(weights=None)
+        net, channels = self._torchvision_net(input_shape, variant, stem, feature_layer)
         width = net.fc.in_features
         if stem == "cifar":
             net.conv1 = _init_conv(nn.Conv2d(channels, 64, 3, 1, 1, bias=False))
@@ -421,13 +427,7 @@ class VGG(ImageBackbone):
                  freeze: str = "none", amp: str | None = None, channels_last: bool = False,
                  compile: bool = False) -> None:
         super().__init__()
-        from torchvision import models
-
-        _check_choice("arch.variant", variant, self.VARIANTS)
-        _check_choice("arch.stem", stem, STEMS)
-        _check_choice("arch.feature_layer", feature_layer, FEATURE_LAYERS)
-        channels = _image_channels(input_shape, variant)
-        net = getattr(models, variant)(weights=None)
+        net, channels = self._torchvision_net(input_shape, variant, stem, feature_layer)
         self.features = net.features
         if channels != 3:
             self.features[0] = _init_conv(nn.Conv2d(channels, 64, 3, padding=1))
