@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ncsweep.config import ConfigError
 from ncsweep.heads import ETFHead, LearnedHead, simplex_etf
 from ncsweep.models import MLP, Network
 from ncsweep.training import count_parameters
@@ -32,10 +33,26 @@ def test_etf_embedding_is_seeded_and_coordinate_is_fixed() -> None:
     assert torch.count_nonzero(coord[:, 5:]) == 0
 
 
+@pytest.mark.parametrize(("k", "d"), [(10, 10), (10, 512), (3, 7)])
+def test_coordinate_etf_is_zhu_2021s_classifier(k: int, d: int) -> None:
+    """Zhu et al.'s models/resnet.py: sqrt(K/(K-1)) (I - 11^T/K), unit rows, times eye(K, d)."""
+    frame = torch.sqrt(torch.tensor(k / (k - 1), dtype=torch.float64)) * (
+        torch.eye(k, dtype=torch.float64) - torch.ones(k, k, dtype=torch.float64) / k)
+    frame = frame / torch.sqrt((frame**2).sum() / k)
+    zhu = frame @ torch.eye(k, d, dtype=torch.float64)
+    ours = simplex_etf(k, d, "coordinate", dtype=torch.float64)
+    torch.testing.assert_close(ours, zhu, atol=1e-15, rtol=0)
+    torch.testing.assert_close(ours.norm(dim=1), torch.ones(k, dtype=torch.float64))
+    torch.testing.assert_close(ours @ ours.T, zhu @ zhu.T, atol=1e-15, rtol=0)
+    torch.testing.assert_close(ours[:, :k], frame, atol=1e-15, rtol=0)
+    assert torch.count_nonzero(ours[:, k:]) == 0
+    assert torch.equal(ETFHead(k, d).weight.detach(), ours.float())  # the default embedding
+
+
 def test_etf_rejects_small_dim_and_bad_embedding() -> None:
-    with pytest.raises(ValueError, match=r"d >= K-1 = 9"):
+    with pytest.raises(ConfigError, match=r"d >= K-1 = 9"):
         simplex_etf(10, 8)
-    with pytest.raises(ValueError, match=r"head\.embedding='qr'"):
+    with pytest.raises(ConfigError, match=r"head\.embedding='qr'"):
         simplex_etf(10, 10, "qr")
 
 
@@ -58,5 +75,5 @@ def test_learned_head_and_mlp_feature_dim() -> None:
     assert features.shape == (5, 7) and logits.shape == (5, 10)
     assert net.head.bias is None
     torch.testing.assert_close(logits, features @ net.head.weight.T)
-    with pytest.raises(ValueError, match=r"arch\.activation='swish'"):
+    with pytest.raises(ConfigError, match=r"arch\.activation='swish'"):
         MLP((4,), 3, activation="swish")

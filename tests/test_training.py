@@ -13,7 +13,7 @@ from tests.conftest import FAST
 
 SHORT = [*FAST, "trainer.epochs=4", "trainer.eval_every=2", "arch.width=64"]
 SUMMARY_KEYS = {
-    "status", "dataset", "arch", "loss", "head", "feature_dim", "num_classes", "optimizer",
+    "status", "dataset", "arch", "loss", "head", "feature_dim", "num_classes", "optim",
     "seed", "epochs", "train_acc", "test_acc", "train_loss", "params_total", "params_trainable",
     "peak_memory_bytes", "peak_memory_kind", "wall_time_s", *KEYS,
 }
@@ -53,7 +53,7 @@ def test_every_optimiser_and_schedule_trains(job_runner, optim: str, schedule: s
     extra = ["trainer.batch_size=null"] if optim == "lbfgs" else []
     _, summary = job_runner([*SHORT, *extra, f"optim={optim}", f"schedule={schedule}"])
     assert summary["status"] == "done" and summary["train_acc"] > 0.5
-    assert summary["optimizer"] == optim
+    assert summary["optim"] == optim
 
 
 def test_a_finished_run_is_skipped_and_never_retrains(job_runner, capsys) -> None:

@@ -37,8 +37,7 @@ class Run:
 
     def final_checks(self, final: dict) -> dict:
         """Model-specific end-of-run checks (the UFM's landscape probe); empty otherwise."""
-        check = getattr(self.model.backbone, "final_checks", None)
-        return check(self.model.head, self.loss, final) if check is not None else {}
+        return self.model.backbone.final_checks(self.model.head, self.loss, final)
 
 
 def build_run(cfg: DictConfig, plain: dict, read_data: bool = True) -> Run:

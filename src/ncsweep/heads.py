@@ -7,23 +7,28 @@ import math
 import torch
 from torch import nn
 
+from ncsweep.config import ConfigError
 
-def simplex_etf(num_classes: int, dim: int, embedding: str = "random", seed: int = 0,
+EMBEDDINGS = ("coordinate", "random")
+
+
+def simplex_etf(num_classes: int, dim: int, embedding: str = "coordinate", seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """K unit-norm rows with pairwise cosine -1/(K-1) in R^d, for any d >= K-1.
 
     The K x K frame sqrt(K/(K-1)) (I - 11^T/K) is embedded with orthonormal columns when
     d >= K, and mapped onto the (K-1)-dimensional complement of 1 when d = K-1 (then it spans
-    R^d). ``embedding`` is ``random`` (seeded orthonormal basis) or ``coordinate`` (fixed).
+    R^d). ``coordinate`` (the default) is Zhu et al. 2021's construction: the frame times
+    ``eye(K, d)``, i.e. the frame on the first K coordinates. Post-ReLU features can then
+    collapse onto a one-hot code; a ``random`` (seeded) rotation gives columns of mixed sign.
     """
     k = num_classes
     if k < 2:
-        raise ValueError(f"num_classes={k} is not allowed: a simplex ETF needs K >= 2")
+        raise ConfigError("dataset.num_classes", k, "K >= 2 for a simplex ETF")
     if dim < k - 1:
-        raise ValueError(f"dim={dim} is not allowed: a simplex ETF of K={k} needs "
-                         f"d >= K-1 = {k - 1}")
-    if embedding not in ("random", "coordinate"):
-        raise ValueError(f"head.embedding={embedding!r} is not allowed: random or coordinate")
+        raise ConfigError("dim", dim, f"d >= K-1 = {k - 1} for a simplex ETF of K={k}")
+    if embedding not in EMBEDDINGS:
+        raise ConfigError("head.embedding", embedding, "one of " + ", ".join(EMBEDDINGS))
     eye = torch.eye(k, dtype=torch.float64)
     frame = math.sqrt(k / (k - 1)) * (eye - 1.0 / k)
     if dim >= k:
@@ -59,7 +64,7 @@ class ETFHead(nn.Module):
     """
 
     def __init__(self, num_classes: int, feature_dim: int, bias: bool = True,
-                 embedding: str = "random", seed: int = 0) -> None:
+                 embedding: str = "coordinate", seed: int = 0) -> None:
         super().__init__()
         self.weight = nn.Parameter(simplex_etf(num_classes, feature_dim, embedding, seed),
                                    requires_grad=False)

@@ -6,10 +6,10 @@ This is the only module that knows about Hydra's runtime, launchers, signals and
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,12 +19,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ncsweep.config import ConfigError, run_key, validate
+from ncsweep.console import setup_logging
 from ncsweep.tracking import CheckpointError, RunFolder
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+IDENTITY_GROUPS = ("dataset", "arch", "head", "loss", "optim", "schedule", "launcher",
+                   "experiment")
+USER_ERRORS = (ConfigError, CheckpointError)
+log = logging.getLogger(__name__)
 _WANDB_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -82,35 +87,40 @@ class StopFlag:
 
 def run_job(cfg: DictConfig) -> dict:
     """The Hydra task: returns a small status dict; failures leave a FAILED marker."""
+    setup_logging()
     context = JobContext(cfg)
     folder = context.folder
+    identity = run_identity(cfg, context)
     try:
         plain = validate(cfg)
     except ConfigError as err:
-        return _fail(context, err, f"ncsweep: error: {err}", before_work=True)
+        if folder.status != "done":
+            folder.write_run(identity)
+        return _fail(context, err, f"error: {err}", before_work=True)
     trainer_cfg = plain["trainer"]
     if (folder.status == "done" and trainer_cfg["resume"] != "never"
             and not trainer_cfg["dry_run"]):
         folder.record_attempt("skipped")
-        print(f"ncsweep: {context.key}: already done, skipped ({folder.path})", flush=True)
+        log.info("%s: already done, skipped (%s)", context.key, folder.path)
         return {"status": "skipped", "dir": str(folder.path)}
+    folder.write_run(identity)
     stop = StopFlag()
     stop.install()
     try:
-        summary = execute(cfg, plain, context, stop)
+        summary = execute(cfg, plain, identity, context, stop)
     except StopRequestedExit:
         folder.record_attempt("interrupted")
         stop.hand_over()
-    except (ConfigError, CheckpointError) as err:
-        return _fail(context, err, f"ncsweep: error: {err}")
     except Exception as err:
         err = _root_cause(err)
-        return _fail(context, err, f"ncsweep: {context.key} FAILED: {type(err).__name__}: "
+        if isinstance(err, USER_ERRORS):
+            return _fail(context, err, f"error: {err}")
+        return _fail(context, err, f"{context.key} FAILED: {type(err).__name__}: "
                                    f"{err} (traceback in {folder.file('FAILED')})")
     finally:
         stop.restore()
     folder.record_attempt(summary["status"])
-    print(f"ncsweep: {context.key}: {summary['status']}; results in {folder.path}", flush=True)
+    log.info("%s: %s; results in %s", context.key, summary["status"], folder.path)
     return {"status": summary["status"], "dir": str(folder.path)}
 
 
@@ -131,9 +141,9 @@ def _fail(context: JobContext, err: BaseException, line: str, before_work: bool 
     """Mark the job failed; an error found before any work leaves a finished run's DONE alone."""
     if not (before_work and context.folder.status == "done"):
         context.folder.prepare()
-        context.folder.mark_failed(err)
+        context.folder.mark_failed(err, traceback=not isinstance(err, USER_ERRORS))
     context.folder.record_attempt("failed")
-    print(line, file=sys.stderr, flush=True)
+    log.error("%s", line)
     if not context.multirun:
         raise SystemExit(1)
     return {"status": "failed", "dir": str(context.folder.path), "error": str(err)}
@@ -152,21 +162,32 @@ def code_version() -> dict:
     return {"code_commit": commit, "code_dirty": bool(dirty.strip())}
 
 
-def _summary_base(plain: Mapping, context: JobContext) -> dict:
+def run_identity(cfg: DictConfig, context: JobContext) -> dict:
+    """What ``run.json`` records: known before validation, so a run failing it still has one."""
     choice = context.choices
+    head = cfg.get("head") or {}
     return {
-        "run_key": context.key, "name": context.name,
-        "dataset": choice.get("dataset"), "arch": choice.get("arch"), "loss": choice.get("loss"),
-        "head": choice.get("head"), "optimizer": choice.get("optim"),
-        "schedule": choice.get("schedule"), "experiment": choice.get("experiment"),
-        "dim": str(plain["dim"]), "feature_dim": plain["feature_dim"],
-        "num_classes": plain["dataset"]["num_classes"], "seed": plain["seed"],
-        "epochs": plain["trainer"]["epochs"], "batch_size": plain["trainer"]["batch_size"],
-        "overrides": context.overrides, **code_version(),
+        "name": context.name, "run_key": context.key,
+        **{group: choice.get(group) for group in IDENTITY_GROUPS},
+        "overrides": context.overrides, "dim": str(cfg.get("dim")),
+        "feature_dim": _resolved(cfg, "feature_dim"),
+        "num_classes": _resolved(cfg, "dataset.num_classes"), "seed": _resolved(cfg, "seed"),
+        "embedding": (_resolved(cfg, "head.embedding")
+                      if str(head.get("_target_", "")).endswith("ETFHead") else None),
+        **code_version(), "created": time.time(),
     }
 
 
-def execute(cfg: DictConfig, plain: dict, context: JobContext, stop: StopFlag) -> dict:
+def _resolved(cfg: DictConfig, key: str) -> Any:
+    """The value at ``key``, or None where it does not resolve (the error comes from validate)."""
+    try:
+        return OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+    except Exception:
+        return None
+
+
+def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext,
+            stop: StopFlag) -> dict:
     """Build from config, train (or dry-run), and write the run folder's files."""
     from ncsweep.build import build_run
     from ncsweep.training import StopRequested
@@ -180,7 +201,9 @@ def execute(cfg: DictConfig, plain: dict, context: JobContext, stop: StopFlag) -
         folder.prepare()
     started = time.perf_counter()
     run = build_run(cfg, plain, read_data=not trainer_cfg["dry_run"])
-    summary = _summary_base(plain, context)
+    summary = {**identity, "epochs": trainer_cfg["epochs"],
+               "batch_size": trainer_cfg["batch_size"]}
+    summary.pop("created")
     summary.update(run.describe())
     folder.write_config(plain)
     if trainer_cfg["dry_run"]:
@@ -222,6 +245,10 @@ def execute(cfg: DictConfig, plain: dict, context: JobContext, stop: StopFlag) -
                    time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
                    samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
     summary.update(run.final_checks(result.final))
+    if summary.get("spurious_minimum_suspect"):
+        log.warning("WARNING spurious_minimum_suspect: gradient norm %.2e, objective gap %.2e, "
+                    "smallest Hessian eigenvalue %.2e (no negative curvature)",
+                    summary["grad_norm"], summary["objective_gap"], summary["hessian_min_eig"])
     folder.write_summary(summary)
     mirror.finish(summary)
     folder.mark_done()
@@ -248,8 +275,8 @@ class SweepReport(Callback):
             if last and last["time"] >= getattr(self, "started", 0.0):
                 outcomes.setdefault(last["outcome"], []).append(str(folder.path))
         counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(outcomes.items())) or "no jobs"
-        print(f"ncsweep: sweep {sweep_dir}: {counts}", flush=True)
+        log.info("sweep %s: %s", sweep_dir, counts)
         for path in outcomes.get("failed", []):
-            print(f"ncsweep:   failed: {path}: {RunFolder(path).failure()}", flush=True)
+            log.info("  failed: %s: %s", path, RunFolder(path).failure())
         if outcomes.get("failed") or outcomes.get("interrupted"):
             raise SystemExit(1)

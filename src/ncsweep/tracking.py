@@ -10,11 +10,13 @@ import json
 import math
 import os
 import time
-import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from traceback import format_exception
 from typing import Any
 
+RUN_FILE = "run.json"
+RUN_FORMAT = "ncsweep-run-1"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -84,6 +86,15 @@ class RunFolder:
         for name in (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE):
             self.file(name).unlink(missing_ok=True)
 
+    def write_run(self, identity: Mapping) -> None:
+        """The run's identity (``run.json``), written at job start so even a failed run has one."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        record = {"format": RUN_FORMAT, **identity}
+        write_atomic(self.file(RUN_FILE), json.dumps(_jsonable(record), indent=2))
+
+    def read_run(self) -> dict:
+        return json.loads(self.file(RUN_FILE).read_text())
+
     def write_config(self, config: Mapping) -> None:
         write_atomic(self.file(CONFIG_FILE), json.dumps(_jsonable(config), indent=2))
 
@@ -125,10 +136,13 @@ class RunFolder:
         self.file(FAILED).unlink(missing_ok=True)
         write_atomic(self.file(DONE), "")
 
-    def mark_failed(self, error: BaseException) -> None:
+    def mark_failed(self, error: BaseException, traceback: bool = True) -> None:
+        """FAILED holds the one-line reason, then the traceback unless it was the user's input."""
         self.file(DONE).unlink(missing_ok=True)
-        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        write_atomic(self.file(FAILED), f"{type(error).__name__}: {error}\n\n{text}")
+        reason = f"{type(error).__name__}: {error}\n"
+        if traceback:
+            reason += "\n" + "".join(format_exception(type(error), error, error.__traceback__))
+        write_atomic(self.file(FAILED), reason)
 
     def record_attempt(self, outcome: str) -> None:
         """What the latest launch of this job did (done, skipped, failed, interrupted) and when."""

@@ -6,9 +6,9 @@ callbacks, and a stop request (a preemption signal) comes in through one.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ncsweep.console import Progress
 from ncsweep.data import DataBundle, Split, batches
 from ncsweep.memory import PeakMemory, read_peak, reset_peak
 from ncsweep.nc import NCAccumulator
 
 Row = dict[str, float]
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -150,6 +152,7 @@ class Trainer:
         self.deterministic, self.dry_run, self.resume = deterministic, dry_run, resume
         self.progress, self.on_nonfinite = progress, on_nonfinite
         self.max_feature_bytes = max_feature_bytes
+        self._live = Progress(progress)
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
 
@@ -245,20 +248,18 @@ class Trainer:
         if self.on_nonfinite == "fail" and not math.isfinite(mean_loss):
             raise NonFiniteLoss(f"training loss became {mean_loss} in epoch {epoch} "
                                 "(trainer.on_nonfinite=fail); lower the LR or check the data")
-        if self.progress and sys.stdout.isatty():
-            print(f"\repoch {epoch:>4}/{self.epochs}  loss {mean_loss:.4g}", end="", flush=True)
+        self._live.update(f"epoch {epoch:>4}/{self.epochs}  loss {mean_loss:.4g}")
 
     def _eval_point(self, model: nn.Module, loss_fn: nn.Module, data: DataBundle, epoch: int,
                     step: int, optimizer: torch.optim.Optimizer,
                     on_eval: Callable[[Row], None]) -> Row:
         row: Row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
         row.update(evaluate(model, loss_fn, data, self.eval_batch_size, self.max_feature_bytes))
-        extra = getattr(model.backbone, "eval_metrics", None)
-        if extra is not None:
-            row.update(extra(model.head, loss_fn))
+        row.update(model.backbone.eval_metrics(model.head, loss_fn))
         on_eval(row)
         if self.progress:
-            print(("\r" if sys.stdout.isatty() else "") + self._progress_line(row), flush=True)
+            self._live.clear()
+            log.info("%s", self._progress_line(row))
         return row
 
     def _progress_line(self, row: Row) -> str:
