@@ -24,22 +24,36 @@
 # packages. Works without systemd, cgroups or a terminal; every wait is bounded.
 set -euo pipefail
 
+# ---------------------------------------------------------------- settings
 PROG=local_slurm.sh
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_IN="${NCSWEEP_SLURM_DIR:-$REPO/.slurm}"
 CLUSTER="${NCSWEEP_SLURM_CLUSTER:-ncsweep}"
 TIMEOUT="${NCSWEEP_SLURM_TIMEOUT:-60}"
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+# Commands that must exist when the packages came from somewhere other than dpkg.
+COMMANDS=(munged mungekey slurmctld slurmd sbatch sacct slurmdbd mariadbd
+    mariadb-install-db mariadb mariadb-admin)
+# Daemons in start order; each has <state>/run/NAME.pid and <state>/log/NAME.log.
 DAEMONS=(munged mariadb slurmdbd slurmctld slurmd)
+# Process name the kernel records (comm), to tell our daemon from a reused pid.
+declare -A COMM=([munged]=munged [mariadb]=mariadbd [slurmdbd]=slurmdbd
+    [slurmctld]=slurmctld [slurmd]=slurmd)
+# Ports: variable, owning daemon, first candidate.
+PORTS=(DB_PORT:mariadb:13306 DBD_PORT:slurmdbd:6819 CTLD_PORT:slurmctld:6817
+    SLURMD_PORT:slurmd:6818)
+# Job states (squeue -t) that stop must requeue.
+ACTIVE_JOBS=RUNNING,SUSPENDED,CONFIGURING
 
 export DEBIAN_FRONTEND=noninteractive
 # The daemons live in sbin folders, which a non-login PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
+# ---------------------------------------------------------------- helpers
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 
+# die MESSAGE [LOGFILE]: print the message and the tail of the log, exit 1.
 die() {
-    # die MESSAGE [LOGFILE]: print the message and the tail of the log, exit 1.
     log "ERROR: $1"
     if [[ -n "${2:-}" && -f "$2" ]]; then
         log "last lines of $2:"
@@ -48,11 +62,24 @@ die() {
     exit 1
 }
 
-usage() {
-    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}" >&2; }
+
+need_root() { [[ $EUID -eq 0 ]] || die "$1"; }
+
+# wait_until TIMEOUT COMMAND...: run COMMAND every 0.25 s until it succeeds.
+wait_until() {
+    local limit=$1 start=$SECONDS
+    shift
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS - start < limit)) || return 1
+        sleep 0.25
+    done
 }
 
-# ---------------------------------------------------------------- paths
+# ask COMMAND...: a SLURM client command, bounded in time.
+ask() { timeout 15 "$@"; }
+
+# ---------------------------------------------------------------- state folder
 resolve_state() {
     mkdir -p "$STATE_IN"
     STATE="$(cd "$STATE_IN" && pwd)"
@@ -74,38 +101,18 @@ resolve_state() {
     DBD_CONF="$ETC/slurmdbd.conf"
     PORTS_FILE="$ETC/ports.env"
     NODE="$(hostname -s)"
+    export SLURM_CONF="$CONF"
 }
 
-pidfile_of() {
-    case "$1" in
-        munged) echo "$RUN/munged.pid" ;;
-        mariadb) echo "$RUN/mariadb.pid" ;;
-        slurmdbd) echo "$RUN/slurmdbd.pid" ;;
-        slurmctld) echo "$RUN/slurmctld.pid" ;;
-        slurmd) echo "$RUN/slurmd.pid" ;;
-    esac
+# Serialise start and stop on the state folder (fd 9, which daemons must not inherit).
+lock_state() {
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || die "another start/stop holds $STATE/.lock"
 }
 
-logfile_of() {
-    case "$1" in
-        munged) echo "$LOGS/munged.log" ;;
-        mariadb) echo "$LOGS/mariadb.log" ;;
-        slurmdbd) echo "$LOGS/slurmdbd.log" ;;
-        slurmctld) echo "$LOGS/slurmctld.log" ;;
-        slurmd) echo "$LOGS/slurmd.log" ;;
-    esac
-}
-
-# Process name as the kernel records it (comm), to tell our daemon from a reused pid.
-comm_of() {
-    case "$1" in
-        munged) echo munged ;;
-        mariadb) echo mariadbd ;;
-        slurmdbd) echo slurmdbd ;;
-        slurmctld) echo slurmctld ;;
-        slurmd) echo slurmd ;;
-    esac
-}
+# ---------------------------------------------------------------- processes
+pidfile() { echo "$RUN/$1.pid"; }
+logfile() { echo "$LOGS/$1.log"; }
 
 # True while pid $1 exists and is not a zombie (pid 1 here may reap daemons late).
 proc_alive() {
@@ -119,28 +126,30 @@ proc_gone() { ! proc_alive "$1"; }
 
 # Prints the pid of daemon $1 when it runs, else nothing (and returns 1).
 daemon_pid() {
-    local pf pid comm
-    pf="$(pidfile_of "$1")"
+    local pf pid
+    pf="$(pidfile "$1")"
     [[ -s "$pf" ]] || return 1
     pid="$(tr -dc '0-9' <"$pf")"
-    [[ -n "$pid" ]] || return 1
-    proc_alive "$pid" || return 1
-    comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
-    [[ "$comm" == "$(comm_of "$1")" ]] || return 1
+    [[ -n "$pid" ]] && proc_alive "$pid" || return 1
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" == "${COMM[$1]}" ]] || return 1
     echo "$pid"
 }
 
 is_up() { daemon_pid "$1" >/dev/null; }
 
-# wait_until TIMEOUT COMMAND...: run COMMAND every 0.25 s until it succeeds.
-wait_until() {
-    local limit=$1 start
-    shift
-    start=$SECONDS
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS - start < limit)) || return 1
-        sleep 0.25
-    done
+# descendants PID...: every process below the given ones (one snapshot of /proc).
+descendants() {
+    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces or parentheses.
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } |
+        sed -n 's/^\([0-9]*\) (.*) [A-Za-z] \([0-9]*\) .*/\1 \2/p' | awk -v roots="$*" '
+        BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1 }
+        { parent[$1] = $2 }
+        END {
+            do {
+                added = 0
+                for (c in parent) if (!(c in want) && (parent[c] in want)) { want[c] = 1; added = 1; print c }
+            } while (added)
+        }'
 }
 
 # ---------------------------------------------------------------- packages
@@ -149,19 +158,13 @@ pkg_installed() {
 }
 
 ensure_packages() {
-    local missing=() p created_policy=0
+    local missing=() p created_policy=0 rc=0
     if ! command -v dpkg-query >/dev/null; then
-        # Not Debian: accept the commands if someone installed them another way.
-        for p in munged mungekey slurmctld slurmd sbatch sacct slurmdbd mariadbd \
-            mariadb-install-db mariadb mariadb-admin; do
-            command -v "$p" >/dev/null || missing+=("$p")
-        done
+        for p in "${COMMANDS[@]}"; do command -v "$p" >/dev/null || missing+=("$p"); done
         ((${#missing[@]} == 0)) && return 0
         die "not a Debian machine and these commands are missing: ${missing[*]}"
     fi
-    for p in "${PACKAGES[@]}"; do
-        pkg_installed "$p" || missing+=("$p")
-    done
+    for p in "${PACKAGES[@]}"; do pkg_installed "$p" || missing+=("$p"); done
     ((${#missing[@]} == 0)) && return 0
     command -v apt-get >/dev/null || die "packages missing (${missing[*]}) and apt-get is not available"
     log "installing ${missing[*]} (apt-get update first)"
@@ -171,7 +174,6 @@ ensure_packages() {
         chmod 755 /usr/sbin/policy-rc.d
         created_policy=1
     fi
-    local rc=0
     {
         apt-get -q -o DPkg::Lock::Timeout=120 update ||
             log "apt-get update reported errors; trying the install anyway"
@@ -179,34 +181,25 @@ ensure_packages() {
     } >&2 || rc=$?
     ((created_policy)) && rm -f /usr/sbin/policy-rc.d
     ((rc == 0)) || die "apt-get install ${missing[*]} failed (exit $rc)"
-    for p in "${missing[@]}"; do
-        pkg_installed "$p" || die "package $p is still not installed"
-    done
+    for p in "${missing[@]}"; do pkg_installed "$p" || die "package $p is still not installed"; done
 }
 
 # ---------------------------------------------------------------- ports
 port_free() {
-    local p=$1
     if command -v ss >/dev/null; then
-        [[ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ]]
-    else
-        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then return 1; fi
-        return 0
+        [[ -z "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]]
+    elif (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+        return 1
     fi
 }
 
+# pick_port FIRST [TAKEN...]: first free port from FIRST not in TAKEN.
 pick_port() {
-    # pick_port FIRST [TAKEN...]: first free port from FIRST not in TAKEN.
-    local p=$1 t ok
+    local p=$1
     shift
-    while ((p < 65000)); do
-        ok=1
-        for t in "$@"; do [[ "$t" == "$p" ]] && ok=0; done
-        if ((ok)) && port_free "$p"; then
-            echo "$p"
-            return 0
-        fi
-        p=$((p + 1))
+    for ((; p < 65000; p++)); do
+        [[ " $* " == *" $p "* ]] && continue
+        port_free "$p" && echo "$p" && return 0
     done
     die "no free TCP port found"
 }
@@ -214,52 +207,43 @@ pick_port() {
 # Ports are chosen once and kept in ports.env; a port is chosen again only when the
 # daemon that owns it is down and something else now listens there.
 load_ports() {
-    CTLD_PORT="" SLURMD_PORT="" DBD_PORT="" DB_PORT=""
+    local spec var daemon first port taken=() vars=()
+    for spec in "${PORTS[@]}"; do vars+=("${spec%%:*}"); done
+    for var in "${vars[@]}"; do printf -v "$var" %s ""; done
     # shellcheck disable=SC1090
     [[ -f "$PORTS_FILE" ]] && source "$PORTS_FILE"
-    if [[ -z "$DB_PORT" ]] || { ! is_up mariadb && ! port_free "$DB_PORT"; }; then
-        DB_PORT="$(pick_port 13306)"
-    fi
-    if [[ -z "$DBD_PORT" ]] || { ! is_up slurmdbd && ! port_free "$DBD_PORT"; }; then
-        DBD_PORT="$(pick_port 6819 "$DB_PORT")"
-    fi
-    if [[ -z "$CTLD_PORT" ]] || { ! is_up slurmctld && ! port_free "$CTLD_PORT"; }; then
-        CTLD_PORT="$(pick_port 6817 "$DB_PORT" "$DBD_PORT")"
-    fi
-    if [[ -z "$SLURMD_PORT" ]] || { ! is_up slurmd && ! port_free "$SLURMD_PORT"; }; then
-        SLURMD_PORT="$(pick_port 6818 "$DB_PORT" "$DBD_PORT" "$CTLD_PORT")"
-    fi
-    printf 'CTLD_PORT=%s\nSLURMD_PORT=%s\nDBD_PORT=%s\nDB_PORT=%s\n' \
-        "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$DB_PORT" >"$PORTS_FILE.tmp"
+    for spec in "${PORTS[@]}"; do
+        IFS=: read -r var daemon first <<<"$spec"
+        port=${!var}
+        if [[ -z "$port" ]] || { ! is_up "$daemon" && ! port_free "$port"; }; then
+            port="$(pick_port "$first" "${taken[@]}")"
+            printf -v "$var" %s "$port"
+        fi
+        taken+=("$port")
+    done
+    for var in "${vars[@]}"; do printf '%s=%s\n' "$var" "${!var}"; done >"$PORTS_FILE.tmp"
     mv -f "$PORTS_FILE.tmp" "$PORTS_FILE"
 }
 
-# ---------------------------------------------------------------- config
+# ---------------------------------------------------------------- config files
+# write_if_changed FILE MODE: stdin to FILE when its content differs; FILE gets MODE.
 write_if_changed() {
-    # write_if_changed FILE MODE: stdin to FILE when its content differs.
     local f=$1 mode=$2 tmp
     tmp="$(mktemp "$f.XXXXXX")"
     cat >"$tmp"
-    chmod "$mode" "$tmp"
-    if [[ -f "$f" ]] && cmp -s "$tmp" "$f"; then
-        rm -f "$tmp"
-    else
-        mv -f "$tmp" "$f"
-    fi
+    if [[ -f "$f" ]] && cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv -f "$tmp" "$f"; fi
+    chmod "$mode" "$f"
 }
 
 write_configs() {
-    local cpus mem_mb margin real_mb db_pass
-    cpus="$(nproc)"
+    local mem_mb margin real_mb
     mem_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
-    margin=$((mem_mb / 20))
-    ((margin < 256)) && margin=256
-    real_mb=$((mem_mb - margin))
-    ((real_mb < 256)) && real_mb=256
+    margin=$((mem_mb / 20 < 256 ? 256 : mem_mb / 20))
+    real_mb=$((mem_mb - margin < 256 ? 256 : mem_mb - margin))
     if [[ ! -s "$DB_DIR/slurm.pass" ]]; then
         (umask 077 && head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$DB_DIR/slurm.pass")
     fi
-    db_pass="$(cat "$DB_DIR/slurm.pass")"
+    DB_PASS="$(cat "$DB_DIR/slurm.pass")"
 
     write_if_changed "$CONF" 644 <<EOF
 # Generated by launch/local_slurm.sh; edits are overwritten on the next start.
@@ -274,10 +258,10 @@ CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 StateSaveLocation=$CTLD_SPOOL
 SlurmdSpoolDir=$SLURMD_SPOOL
-SlurmctldPidFile=$(pidfile_of slurmctld)
-SlurmdPidFile=$(pidfile_of slurmd)
-SlurmctldLogFile=$(logfile_of slurmctld)
-SlurmdLogFile=$(logfile_of slurmd)
+SlurmctldPidFile=$(pidfile slurmctld)
+SlurmdPidFile=$(pidfile slurmd)
+SlurmctldLogFile=$(logfile slurmctld)
+SlurmdLogFile=$(logfile slurmd)
 SlurmctldDebug=info
 SlurmdDebug=info
 MpiDefault=none
@@ -301,7 +285,7 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 # The controller's connection to slurmdbd ignores AuthInfo=socket= and needs this.
 AccountingStoragePass=$MUNGE_SOCKET
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mb State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$real_mb State=UNKNOWN
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -313,63 +297,62 @@ DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort=$DBD_PORT
 SlurmUser=root
-PidFile=$(pidfile_of slurmdbd)
-LogFile=$(logfile_of slurmdbd)
+PidFile=$(pidfile slurmdbd)
+LogFile=$(logfile slurmdbd)
 DebugLevel=info
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StoragePort=$DB_PORT
 StorageUser=slurm
-StoragePass=$db_pass
+StoragePass=$DB_PASS
 StorageLoc=slurm_acct_db
 EOF
     chown root:root "$DBD_CONF"
-    chmod 600 "$DBD_CONF"
-
-    printf 'export SLURM_CONF=%s\n' "$CONF" >"$STATE/env.sh"
 }
 
 # ---------------------------------------------------------------- daemons
-# Detach a daemon from the caller: new session, no stdin, output to its log, so that
-# `start | tail -1` never waits on a daemon holding the pipe.
+# spawn NAME COMMAND...: run COMMAND detached (new session, no stdin, output to NAME's
+# log) so that `start | tail -1` never waits on a daemon holding the pipe. It runs from
+# the state folder, which lets `stop` recognise the job steps it leaves, and without fd 9.
 spawn() {
-    local logf=$1
+    local logf
+    logf="$(logfile "$1")"
     shift
-    # fd 9 is the state folder's lock: the daemon must not keep holding it. Daemons
-    # run from the state folder, which lets `stop` recognise the job steps they leave.
     (cd "$STATE" && exec setsid "$@" </dev/null >>"$logf" 2>&1 9>&-) &
 }
 
+# await NAME COMMAND...: wait until COMMAND succeeds, else fail with NAME's log.
+await() {
+    local name=$1
+    shift
+    wait_until "$TIMEOUT" "$@" || die "$name did not come up within ${TIMEOUT}s" "$(logfile "$name")"
+}
+
+munge_works() { is_up munged && munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET"; }
+db_sql() { mariadb --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot -N -B; }
+db_ping() { mariadb-admin --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot ping; }
+sacctmgr_q() { timeout 20 sacctmgr "$@"; }
+dbd_clusters() { sacctmgr_q -n -P show cluster format=cluster; }
+ctld_answers() { ask scontrol ping | grep -q 'is UP'; }
+
 start_munged() {
-    is_up munged && return 0
-    if [[ ! -s "$MUNGE_KEY" ]]; then
-        log "creating a private munge key"
-        if command -v mungekey >/dev/null; then
-            mungekey -c -k "$MUNGE_KEY" >&2
-        else
-            dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
+    if ! is_up munged; then
+        if [[ ! -s "$MUNGE_KEY" ]]; then
+            log "creating a private munge key"
+            if command -v mungekey >/dev/null; then
+                mungekey -c -k "$MUNGE_KEY" >&2
+            else
+                dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
+            fi
         fi
+        chmod 600 "$MUNGE_KEY"
+        rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+        log "starting munged"
+        spawn munged munged --force --socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY" \
+            --pid-file="$(pidfile munged)" --log-file="$(logfile munged)" \
+            --seed-file="$MUNGE_DIR/munged.seed"
     fi
-    chmod 600 "$MUNGE_KEY"
-    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
-    log "starting munged"
-    spawn "$(logfile_of munged)" munged --force \
-        --socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY" \
-        --pid-file="$(pidfile_of munged)" --log-file="$(logfile_of munged)" \
-        --seed-file="$MUNGE_DIR/munged.seed"
-    wait_until "$TIMEOUT" munge_works || die "munged did not start within ${TIMEOUT}s" "$(logfile_of munged)"
-}
-
-munge_works() {
-    is_up munged && munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET"
-}
-
-db_sql() {
-    mariadb --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot -N -B
-}
-
-db_ping() {
-    mariadb-admin --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot ping
+    await munged munge_works
 }
 
 start_mariadb() {
@@ -380,129 +363,108 @@ start_mariadb() {
             mkdir -p "$DB_DATA"
             mariadb-install-db --no-defaults --user=root --datadir="$DB_DATA" \
                 --auth-root-authentication-method=socket --skip-test-db \
-                >>"$(logfile_of mariadb)" 2>&1 ||
-                die "mariadb-install-db failed" "$(logfile_of mariadb)"
+                >>"$(logfile mariadb)" 2>&1 || die "mariadb-install-db failed" "$(logfile mariadb)"
         fi
         rm -f "$DB_SOCKET"
         log "starting MariaDB on 127.0.0.1:$DB_PORT"
-        spawn "$(logfile_of mariadb)" mariadbd --no-defaults --user=root \
-            --datadir="$DB_DATA" --socket="$DB_SOCKET" \
-            --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
-            --pid-file="$(pidfile_of mariadb)" --log-error="$(logfile_of mariadb)" \
+        spawn mariadb mariadbd --no-defaults --user=root --datadir="$DB_DATA" \
+            --socket="$DB_SOCKET" --port="$DB_PORT" --bind-address=127.0.0.1 \
+            --skip-name-resolve --pid-file="$(pidfile mariadb)" --log-error="$(logfile mariadb)" \
             --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900 \
-            --innodb-flush-log-at-trx-commit=2 \
-            --max-connections=100
+            --innodb-flush-log-at-trx-commit=2 --max-connections=100
     fi
-    wait_until "$TIMEOUT" db_ping || die "MariaDB did not answer within ${TIMEOUT}s" "$(logfile_of mariadb)"
-    local pass
-    pass="$(cat "$DB_DIR/slurm.pass")"
-    db_sql >&2 <<EOF || die "could not create the slurm_acct_db database and user" "$(logfile_of mariadb)"
-CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
-CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pass';
-ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
-ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$pass';
-GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
-GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'localhost';
-FLUSH PRIVILEGES;
-EOF
+    await mariadb db_ping
+    local host
+    {
+        echo "CREATE DATABASE IF NOT EXISTS slurm_acct_db;"
+        for host in 127.0.0.1 localhost; do
+            echo "CREATE USER IF NOT EXISTS 'slurm'@'$host' IDENTIFIED BY '$DB_PASS';"
+            echo "ALTER USER 'slurm'@'$host' IDENTIFIED BY '$DB_PASS';"
+            echo "GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'$host';"
+        done
+        echo "FLUSH PRIVILEGES;"
+    } | db_sql >&2 || die "could not create the slurm_acct_db database and user" "$(logfile mariadb)"
 }
-
-sacctmgr_q() { timeout 20 sacctmgr "$@"; }
-
-dbd_answers() { sacctmgr_q -n -P show cluster format=cluster; }
 
 start_slurmdbd() {
     if ! is_up slurmdbd; then
         log "starting slurmdbd on 127.0.0.1:$DBD_PORT"
-        spawn "$(logfile_of slurmdbd)" slurmdbd
+        spawn slurmdbd slurmdbd
     fi
-    wait_until "$TIMEOUT" dbd_answers || die "slurmdbd did not answer within ${TIMEOUT}s" "$(logfile_of slurmdbd)"
-    if ! sacctmgr_q -n -P show cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; then
+    await slurmdbd dbd_clusters
+    if ! dbd_clusters 2>/dev/null | grep -qx "$CLUSTER"; then
         log "registering cluster $CLUSTER in the accounting database"
-        sacctmgr_q -i add cluster "$CLUSTER" >&2 || die "sacctmgr add cluster failed" "$(logfile_of slurmdbd)"
+        sacctmgr_q -i add cluster "$CLUSTER" >&2 || die "sacctmgr add cluster failed" "$(logfile slurmdbd)"
     fi
     # Make sure the invoking user has an association (root gets one with the cluster).
     local user
     user="$(id -un)"
-    if ! sacctmgr_q -n -P show assoc cluster="$CLUSTER" user="$user" format=user 2>/dev/null | grep -qx "$user"; then
+    if ! sacctmgr_q -n -P show assoc cluster="$CLUSTER" user="$user" format=user 2>/dev/null |
+        grep -qx "$user"; then
         log "adding an association for user $user"
         sacctmgr_q -i add user "$user" account=root cluster="$CLUSTER" >&2 ||
-            die "sacctmgr add user $user failed" "$(logfile_of slurmdbd)"
+            die "sacctmgr add user $user failed" "$(logfile slurmdbd)"
     fi
 }
 
-ctld_answers() { timeout 15 scontrol ping | grep -q 'is UP'; }
-
 start_slurmctld() {
-    is_up slurmctld && return 0
-    local args=()
-    # -c only on the very first start: afterwards job ids must keep counting up.
-    if [[ ! -e "$STATE/.slurmctld-initialised" ]]; then
-        args+=(-c)
+    if ! is_up slurmctld; then
+        local args=()
+        # -c only on the very first start: afterwards job ids must keep counting up.
+        [[ -e "$STATE/.slurmctld-initialised" ]] || args+=(-c)
+        log "starting slurmctld${args[*]:+ ${args[*]}} on 127.0.0.1:$CTLD_PORT"
+        spawn slurmctld slurmctld "${args[@]}" -f "$CONF"
     fi
-    log "starting slurmctld${args[*]:+ ${args[*]}} on 127.0.0.1:$CTLD_PORT"
-    spawn "$(logfile_of slurmctld)" slurmctld "${args[@]}" -f "$CONF"
-    wait_until "$TIMEOUT" ctld_answers || die "slurmctld did not answer within ${TIMEOUT}s" "$(logfile_of slurmctld)"
+    await slurmctld ctld_answers
     touch "$STATE/.slurmctld-initialised"
 }
 
 start_slurmd() {
-    is_up slurmd && return 0
-    log "starting slurmd for node $NODE"
-    spawn "$(logfile_of slurmd)" slurmd -f "$CONF"
-    wait_until "$TIMEOUT" is_up slurmd || die "slurmd did not start within ${TIMEOUT}s" "$(logfile_of slurmd)"
+    if ! is_up slurmd; then
+        log "starting slurmd for node $NODE"
+        spawn slurmd slurmd -f "$CONF"
+    fi
+    await slurmd is_up slurmd
 }
 
+# ---------------------------------------------------------------- node state
 # Node state without the trailing flags (*, ~, #, ...), e.g. idle, mixed, down, drained.
-node_state() {
-    local s
-    s="$(timeout 15 sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1)" || true
-    echo "$s"
-}
+node_state() { ask sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1 || true; }
 
-node_ready() {
-    case "$(node_state)" in
-        idle | mixed | allocated | completing) return 0 ;;
-        *) return 1 ;;
-    esac
-}
+# True for the node states in which the node runs jobs.
+ready_state() { case "$1" in idle | mixed | allocated | completing) return 0 ;; *) return 1 ;; esac; }
 
+# Wait for the node to run jobs, resuming it once if it is drained.
 wait_node_ready() {
     local start=$SECONDS s resumed=0
     while ((SECONDS - start < TIMEOUT)); do
         s="$(node_state)"
-        case "$s" in
-            idle | mixed | allocated | completing) return 0 ;;
-            drained | draining | drain)
-                if ((!resumed)); then
-                    log "node $NODE is $s ($(timeout 15 sinfo -h -N -n "$NODE" -o %E 2>/dev/null || true)); resuming it"
-                    timeout 15 scontrol update nodename="$NODE" state=resume >&2 || true
-                    resumed=1
-                fi
-                ;;
-        esac
+        ready_state "$s" && return 0
+        if [[ "$s" == @(drained|draining|drain) ]] && ((!resumed)); then
+            log "node $NODE is $s ($(ask sinfo -h -N -n "$NODE" -o %E 2>/dev/null || true)); resuming it"
+            ask scontrol update nodename="$NODE" state=resume >&2 || true
+            resumed=1
+        fi
         sleep 0.25
     done
     log "node $NODE is '${s:-unknown}' after ${TIMEOUT}s"
-    timeout 15 sinfo -N -l >&2 || true
-    die "the node did not become idle" "$(logfile_of slurmd)"
+    ask sinfo -N -l >&2 || true
+    die "the node did not become idle" "$(logfile slurmd)"
 }
 
 healthy() {
     local d
     for d in "${DAEMONS[@]}"; do is_up "$d" || return 1; done
-    node_ready
+    ready_state "$(node_state)"
 }
 
+# ---------------------------------------------------------------- start
 cmd_start() {
-    [[ $EUID -eq 0 ]] || die "start needs root (the cluster runs with SlurmUser=root and installs packages)"
+    need_root "start needs root (the cluster runs with SlurmUser=root and installs packages)"
     command -v flock >/dev/null || die "flock (util-linux) is required"
     resolve_state
-    exec 9>"$STATE/.lock"
-    flock -w 300 9 || die "another start/stop holds $STATE/.lock"
-    local t0=$SECONDS
-    export SLURM_CONF="$STATE/etc/slurm.conf"
+    lock_state
+    local t0=$SECONDS s d
     ensure_packages
     mkdir -p "$ETC" "$RUN" "$LOGS" "$MUNGE_DIR" "$DB_DIR" "$CTLD_SPOOL" "$SLURMD_SPOOL"
     chmod 755 "$STATE" "$MUNGE_DIR" "$ETC"
@@ -515,18 +477,14 @@ cmd_start() {
         done
         load_ports
         write_configs
-        start_munged
-        start_mariadb
-        start_slurmdbd
-        start_slurmctld
-        start_slurmd
+        for d in "${DAEMONS[@]}"; do "start_$d"; done
         wait_node_ready
         log "cluster '$CLUSTER' is up: node $NODE $(node_state) ($((SECONDS - t0))s; state in $STATE)"
     fi
-    printf 'export SLURM_CONF=%s\n' "$CONF" >"$STATE/env.sh"
-    printf 'export SLURM_CONF=%s\n' "$CONF"
+    printf 'export SLURM_CONF=%s\n' "$CONF" | tee "$STATE/env.sh"
 }
 
+# ---------------------------------------------------------------- stop
 # Job steps left by our slurmd: slurmstepd processes that inherited its working
 # folder (slurmd runs in the state folder; slurmstepd rewrites its environment).
 leftover_steps() {
@@ -534,61 +492,17 @@ leftover_steps() {
     for p in /proc/[0-9]*; do
         [[ "$(cat "$p/comm" 2>/dev/null)" == slurmstepd ]] || continue
         cwd="$(readlink "$p/cwd" 2>/dev/null || true)"
-        if [[ "$cwd" == "$STATE" || "$cwd" == "$STATE"/* ]]; then
-            echo "${p#/proc/}"
-        fi
+        [[ "$cwd" == "$STATE" || "$cwd" == "$STATE"/* ]] && echo "${p#/proc/}"
     done
-}
-
-# descendants PID...: every process below the given ones (one snapshot of /proc).
-descendants() {
-    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces or parentheses.
-    { cat /proc/[0-9]*/stat 2>/dev/null || true; } |
-        sed -n 's/^\([0-9]*\) (.*) [A-Za-z] \([0-9]*\) .*/\1 \2/p' | awk -v roots="$*" '
-        BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1 }
-        { parent[$1] = $2 }
-        END {
-            do {
-                added = 0
-                for (c in parent) if (!(c in want) && (parent[c] in want)) { want[c] = 1; added = 1; print c }
-            } while (added)
-        }'
-}
-
-# stop_daemons NAME...: SIGTERM to all of them at once, then wait for each.
-stop_daemons() {
-    local d pid limit pids=() names=()
-    for d in "$@"; do
-        if pid="$(daemon_pid "$d")"; then
-            log "stopping $d (pid $pid)"
-            kill -TERM "$pid" 2>/dev/null || true
-            pids+=("$pid")
-            names+=("$d")
-        else
-            log "$d is not running"
-        fi
-    done
-    local i
-    for i in "${!pids[@]}"; do
-        pid=${pids[$i]} d=${names[$i]}
-        limit=20
-        [[ "$d" == mariadb ]] && limit=60
-        if ! wait_until "$limit" proc_gone "$pid"; then
-            log "$d did not exit within ${limit}s; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-            wait_until 10 proc_gone "$pid" || true
-        fi
-    done
-    for d in "$@"; do rm -f "$(pidfile_of "$d")"; done
+    return 0
 }
 
 # End the job steps our slurmd left behind, with all their processes.
 end_leftover_steps() {
-    local pids all=() p
-    pids="$(leftover_steps)"
-    [[ -n "$pids" ]] || return 0
-    # shellcheck disable=SC2086
-    mapfile -t all < <(echo $pids | tr ' ' '\n'; descendants $pids)
+    local all=() p
+    mapfile -t all < <(leftover_steps)
+    ((${#all[@]})) || return 0
+    mapfile -t -O "${#all[@]}" all < <(descendants "${all[@]}")
     log "ending ${#all[@]} leftover job-step process(es)"
     kill -TERM "${all[@]}" 2>/dev/null || true
     for p in "${all[@]}"; do
@@ -596,34 +510,58 @@ end_leftover_steps() {
     done
 }
 
+# stop_daemons NAME...: SIGTERM to all of them at once, then wait for each.
+stop_daemons() {
+    local d pid limit
+    declare -A pids=()
+    for d in "$@"; do
+        if pid="$(daemon_pid "$d")"; then
+            log "stopping $d (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids[$d]=$pid
+        else
+            log "$d is not running"
+        fi
+    done
+    for d in "$@"; do
+        [[ -n "${pids[$d]:-}" ]] || continue
+        limit=20
+        [[ "$d" == mariadb ]] && limit=60
+        if ! wait_until "$limit" proc_gone "${pids[$d]}"; then
+            log "$d did not exit within ${limit}s; killing it"
+            kill -KILL "${pids[$d]}" 2>/dev/null || true
+            wait_until 10 proc_gone "${pids[$d]}" || true
+        fi
+    done
+    for d in "$@"; do rm -f "$(pidfile "$d")"; done
+}
+
+# job_ids STATES: ids of the jobs in those states.
+job_ids() { ask squeue -h -t "$1" -o %i 2>/dev/null || true; }
+no_active_jobs() { [[ -z "$(job_ids "$ACTIVE_JOBS,COMPLETING")" ]]; }
+
 # Requeue running jobs (cancel those that cannot be requeued) while slurmctld and
 # slurmd can still end them properly; they run again after the next start.
 requeue_running_jobs() {
     is_up slurmctld && [[ -f "$CONF" ]] || return 0
-    export SLURM_CONF="$CONF"
     local ids id
-    ids="$(timeout 15 squeue -h -t RUNNING,SUSPENDED,CONFIGURING -o %i 2>/dev/null || true)"
+    ids="$(job_ids "$ACTIVE_JOBS")"
     [[ -n "$ids" ]] || return 0
     log "requeueing running job(s): ${ids//$'\n'/ }"
     for id in $ids; do
-        timeout 15 scontrol requeue "$id" 2>/dev/null || timeout 15 scancel "$id" || true
+        ask scontrol requeue "$id" 2>/dev/null || ask scancel "$id" || true
     done
-    wait_until 30 no_running_jobs || log "some jobs were still running after 30s"
-}
-
-no_running_jobs() {
-    [[ -z "$(timeout 15 squeue -h -t RUNNING,SUSPENDED,CONFIGURING,COMPLETING -o %i)" ]]
+    wait_until 30 no_active_jobs || log "some jobs were still running after 30s"
 }
 
 cmd_stop() {
-    [[ $EUID -eq 0 ]] || die "stop needs root"
+    need_root "stop needs root"
     if [[ ! -d "$STATE_IN" ]]; then
         log "no cluster state in $STATE_IN; nothing to stop"
         return 0
     fi
     resolve_state
-    exec 9>"$STATE/.lock"
-    flock -w 300 9 || die "another start/stop holds $STATE/.lock"
+    lock_state
     if is_up slurmd; then requeue_running_jobs; fi
     # slurmctld sends its last records to slurmdbd, which needs MariaDB; munged last.
     stop_daemons slurmd slurmctld
@@ -634,6 +572,7 @@ cmd_stop() {
     log "stopped (state kept in $STATE)"
 }
 
+# ---------------------------------------------------------------- status
 cmd_status() {
     if [[ ! -d "$STATE_IN" ]]; then
         echo "no cluster state in $STATE_IN (never started)"
@@ -650,19 +589,15 @@ cmd_status() {
         fi
     done
     if [[ -f "$CONF" ]] && is_up slurmctld; then
-        export SLURM_CONF="$CONF"
         echo
-        timeout 15 sinfo || ok=1
+        ask sinfo || ok=1
         echo
-        timeout 15 squeue || ok=1
+        ask squeue || ok=1
         s="$(node_state)"
-        case "$s" in
-            idle | mixed | allocated | completing) ;;
-            *)
-                echo "node $NODE is '${s:-unknown}'"
-                ok=1
-                ;;
-        esac
+        if ! ready_state "$s"; then
+            echo "node $NODE is '${s:-unknown}'"
+            ok=1
+        fi
     else
         ok=1
     fi
@@ -671,11 +606,9 @@ cmd_status() {
     return "$ok"
 }
 
+# ---------------------------------------------------------------- main
 case "${1:-}" in
-    start)
-        resolve_state
-        cmd_start
-        ;;
+    start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     -h | --help | help) usage ;;
