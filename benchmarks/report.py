@@ -42,6 +42,16 @@ def config(dataset: str, loss: str, head: str, dim: int, seed: int) -> dict:
     }
 
 
+def identity(key: str, dataset: str, loss: str, head: str, dim: int, seed: int) -> dict:
+    """The run.json a job writes at its start."""
+    return {"name": "bench", "run_key": key, "dataset": dataset, "arch": "mlp", "head": head,
+            "loss": loss, "optim": "adam", "schedule": "cosine", "launcher": "basic",
+            "experiment": None, "overrides": key.split(","), "dim": "K" if dim == K else str(dim),
+            "feature_dim": dim, "num_classes": K, "seed": seed,
+            "embedding": "random" if head == "etf" else None, "code_commit": None,
+            "code_dirty": None, "created": time.time()}
+
+
 def metrics(rng: random.Random, epoch: int, step: int) -> dict:
     """One eval row with every NC key, as the trainer logs it."""
     row = {"epoch": epoch, "step": step, "lr": 0.003, "train_loss": rng.random(),
@@ -60,6 +70,7 @@ def write_runs(root: Path) -> None:
         key = f"dataset={dataset},dim={dim},head={head},loss={loss},seed={seed}"
         folder = RunFolder(root / key)
         folder.prepare()
+        folder.write_run(identity(key, dataset, loss, head, dim, seed))
         folder.write_config(config(dataset, loss, head, dim, seed))
         rows = [metrics(rng, epoch, epoch * 6) for epoch in range(0, 101, 100 // (EVALS - 1))]
         for row in rows:
@@ -67,7 +78,7 @@ def write_runs(root: Path) -> None:
         params = 3724 + (dim - K) * 40
         folder.write_summary({
             "run_key": key, "name": "bench", "dataset": dataset, "arch": "mlp", "loss": loss,
-            "head": head, "optimizer": "adam", "dim": str(dim), "feature_dim": dim,
+            "head": head, "optim": "adam", "dim": str(dim), "feature_dim": dim,
             "num_classes": K, "seed": seed, "epochs": 100, "overrides": key.split(","),
             "params_total": params, "params_trainable": params - (K * dim if head == "etf" else 0),
             "status": "done", **rows[-1], "peak_memory_bytes": 800 * 2**20 + dim * 2**10,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ncsweep.tracking import RunFolder, read_wandb_offline
+from ncsweep.report.wandb_log import read_wandb_offline
+from ncsweep.tracking import RunFolder
 from tests.conftest import run_cli
 
 TINY = ["trainer.epochs=3", "trainer.eval_every=3", "arch.width=32", "trainer.progress=false"]

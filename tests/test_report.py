@@ -7,6 +7,8 @@ verdicts are also checked on a table built by hand, where every number is known.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,13 +27,14 @@ from ncsweep.report import (
     load,
     load_history,
     load_runs,
-    main,
     mixed_cells,
     not_averaged,
     ufm_table,
     write_report,
 )
-from ncsweep.tracking import RunFolder, wandb_offline_files
+from ncsweep.report.__main__ import main
+from ncsweep.report.wandb_log import HEADER, read_wandb_offline, wandb_offline_files
+from ncsweep.tracking import RunFolder
 from tests.conftest import ROOT, run_cli
 
 TINY = ["trainer.epochs=2", "trainer.eval_every=1", "arch.width=32", "trainer.progress=false"]
@@ -75,6 +78,12 @@ def cli_report(sweeps: Path) -> tuple[subprocess.CompletedProcess, Path]:
 
 def folders(sweep: Path, status: str = "done") -> list[RunFolder]:
     return [RunFolder(p) for p in sorted(sweep.iterdir()) if RunFolder(p).status == status]
+
+
+def etf_embedding(sweeps: Path) -> str:
+    """The embedding the card sweep's ETF heads used, as their run.json says."""
+    [folder] = [f for f in folders(sweeps / "card") if "dim=K,head=etf,seed=0" in f.path.name]
+    return folder.read_run()["embedding"]
 
 
 def test_rows_equal_what_the_runs_wrote(sweeps: Path) -> None:
@@ -242,7 +251,7 @@ def test_offline_wandb_reader_returns_the_run_folders_metrics(sweeps: Path) -> N
         assert theirs["source"].tolist() == ["wandb_offline"]
         assert mine["status"].tolist() == ["done"]
         for key in ("status", "dataset", "arch", "loss", "head", "feature_dim", "num_classes",
-                    "seed", "optimizer", "dim", "name", "run_key", "params_trainable",
+                    "seed", "optim", "dim", "name", "run_key", "params_trainable",
                     "reached_global_optimum", "spurious_minimum_suspect", "last_epoch"):
             assert theirs[key].iloc[0] == mine[key].iloc[0], key
         for key in ("train_acc", "nc1", "nc2_m", "nc3", "nc4", "objective", "objective_gap",
@@ -266,8 +275,9 @@ def test_cli_writes_report_files_and_figures(cli_report: tuple, sweeps: Path) ->
     assert len(csv) == 14 and sorted(csv["status"].value_counts().items()) == [
         ("done", 12), ("failed", 2)]
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    assert "ETF + d=K within 0.5 points of baseline test accuracy" in md
-    assert "peak memory saved by ETF + d=K" in md and "(cpu_peak_rss" in md
+    label = f"ETF ({etf_embedding(sweeps)}) + d=K"
+    assert f"{label} within 0.5 points of baseline test accuracy" in md
+    assert f"memory saved by {label}: " in md and "(cpu_peak_rss" in md
     apart = md.split("## Runs not averaged")[1]
     for failed in folders(sweeps / "card", "failed"):
         assert str(failed.path.resolve()) in apart
@@ -292,7 +302,7 @@ def test_group_by_name_separates_sweeps_that_default_grouping_mixes(
     assert main([str(sweeps / "card"), "--group-by", "dataset,nope"]) == 1
     assert capsys.readouterr().err.strip() == (
         "ncsweep.report: error: --group-by nope: not a run column (try dataset, arch, loss, "
-        "optimizer, name, seed)")
+        "optim, embedding, name, seed)")
 
 
 @pytest.mark.parametrize("make_args,message", [
@@ -345,4 +355,163 @@ def test_notebook_runs_headless_against_the_sweep(sweeps: Path) -> None:
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3
     text = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
-    assert "ETF + d=K within 0.5 points" in text
+    assert f"ETF ({etf_embedding(sweeps)}) + d=K within 0.5 points" in text
+
+
+def wandb_file(sweeps: Path) -> Path:
+    return wandb_offline_files(folders(sweeps / "ufm")[0].path)[0]
+
+
+def history_offsets(data: bytes) -> list[tuple[int, int]]:
+    """(offset, payload length) of every one-fragment history record of an intact W&B log."""
+    from wandb.proto import wandb_internal_pb2
+
+    found, pos = [], HEADER
+    while pos + HEADER <= len(data):
+        if 32768 - pos % 32768 < HEADER:
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload = data[pos + HEADER:pos + HEADER + length]
+        if kind == 1 and wandb_internal_pb2.Record.FromString(payload).HasField("history"):
+            found.append((pos, length))
+        pos += HEADER + length
+    return found
+
+
+def test_corrupt_wandb_record_is_skipped_with_its_offset(sweeps: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    source = wandb_file(sweeps)
+    intact = read_wandb_offline(source.parent)
+    data = bytearray(source.read_bytes())
+    target = history_offsets(bytes(data))[0][0]
+    data[target + HEADER + 3] ^= 0x40
+    broken = tmp_path / "offline-run-x" / source.name
+    broken.parent.mkdir()
+    broken.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="ncsweep.report.wandb_log"):
+        read = read_wandb_offline(broken.parent)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{broken}: corrupt record at byte {target} (checksum mismatch); skipped"]
+    assert read["config"] == intact["config"] and read["summary"] == intact["summary"]
+    assert read["exit_code"] == intact["exit_code"] == 0
+    assert len(read["history"]) == len(intact["history"]) - 1
+    assert all(row in intact["history"] for row in read["history"])
+
+
+def test_truncated_wandb_log_keeps_the_records_before_the_tear(
+        sweeps: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = wandb_file(sweeps)
+    data = source.read_bytes()
+    last_history = history_offsets(data)[-1][0]
+    cut = last_history + HEADER + 5
+    torn = tmp_path / "offline-run-y" / source.name
+    torn.parent.mkdir()
+    torn.write_bytes(data[:cut])
+    with caplog.at_level(logging.WARNING, logger="ncsweep.report.wandb_log"):
+        read = read_wandb_offline(torn.parent)
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"{torn}: torn record at byte {last_history} ")
+    intact = read_wandb_offline(source.parent)
+    assert read["history"] == intact["history"][:len(read["history"])]
+    assert read["config"]["feature_dim"] == intact["config"]["feature_dim"]
+    assert read["exit_code"] is None
+
+
+def write_folder(path: Path, head: str, dim: int, seed: int, finals: dict,
+                 embedding: str | None = None) -> None:
+    """A run folder written with plain json and open(): the documented layout, nothing else."""
+    path.mkdir(parents=True)
+    identity = {"format": "ncsweep-run-1", "name": "hand", "run_key": path.name,
+                "dataset": "digits", "arch": "mlp", "head": head, "loss": "ce", "optim": "sgd",
+                "schedule": "none", "launcher": "basic", "experiment": None,
+                "overrides": path.name.split(","), "dim": "K" if dim == 10 else str(dim),
+                "feature_dim": dim, "num_classes": 10, "seed": seed,
+                "embedding": embedding if head == "etf" else None, "code_commit": None,
+                "code_dirty": None, "created": 1.7e9}
+    (path / "run.json").write_text(json.dumps(identity))
+    (path / "config.json").write_text(json.dumps({"seed": seed, "feature_dim": dim}))
+    rows = [{"epoch": e, "step": 10 * e, "train_acc": 0.5 + e / 4, "test_acc": 0.5 + e / 5,
+             "train_loss": 1.0 / (e + 1), **finals} for e in (0, 1, 2)]
+    with open(path / "metrics.jsonl", "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    summary = {**identity, "status": "done", **rows[-1], "params_trainable": 100 * dim,
+               "params_total": 110 * dim, "peak_memory_bytes": 2**30,
+               "peak_memory_kind": "cpu_peak_rss", "train_memory_bytes": 1000 * dim}
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / "DONE").write_text("")
+
+
+BASE_FINALS = {"nc1": 0.2, "nc2_m": 0.125, "nc3": 0.119, "nc4": 0.0}
+
+
+def hand_sweep(root: Path, etf_finals: dict, base_finals: dict = BASE_FINALS) -> Path:
+    """learned/etf x d=K/512 x seeds 0,1 written by hand; ETF d=K runs end at etf_finals."""
+    for head in ("learned", "etf"):
+        for dim in (10, 512):
+            for seed in (0, 1):
+                finals = etf_finals if (head, dim) == ("etf", 10) else base_finals
+                write_folder(root / f"dim={dim},head={head},seed={seed}", head, dim, seed,
+                             finals, embedding="coordinate")
+    return root
+
+
+def test_a_hand_written_run_folder_is_read_by_its_layout(tmp_path: Path) -> None:
+    write_folder(tmp_path / "runs" / "dim=K,head=etf,seed=3", "etf", 10, 3,
+                 {"nc1": 0.01, "nc2_m": 0.02, "nc3": 0.03, "nc4": 0.0}, embedding="coordinate")
+    runs, history = load(tmp_path / "runs")
+    row = runs.iloc[0]
+    assert (row["status"], row["head"], row["embedding"], row["optim"], row["dim"],
+            row["feature_dim"], row["seed"], row["name"]) == (
+        "done", "etf", "coordinate", "sgd", "K", 10, 3, "hand")
+    assert row["test_acc"] == pytest.approx(0.9) and row["train_memory_bytes"] == 10_000
+    assert list(history["epoch"]) == [0, 1, 2] and list(history["nc2_m"]) == [0.02] * 3
+    hand_sweep(tmp_path / "sweep", BASE_FINALS)
+    code = main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert code == 0 and "| finished runs (seeds) | 2 (0,1) | 2 (0,1) | 2 (0,1) | 2 (0,1) |" in md
+    assert "ETF (coordinate) + d=K within 0.5 points" in md
+    assert "training-step memory saved by ETF (coordinate) + d=K: 98.0%" in md
+    assert list(pd.read_csv(tmp_path / "out" / "runs.csv")["optim"]) == ["sgd"] * 8
+
+
+def test_folders_without_run_json_are_listed_apart(tmp_path: Path) -> None:
+    hand_sweep(tmp_path / "sweep", BASE_FINALS)
+    old = tmp_path / "sweep" / "dim=512,head=learned,seed=0"
+    (old / "run.json").unlink()
+    crashed = tmp_path / "sweep" / "dim=K-2,head=etf,seed=0"
+    write_folder(crashed, "etf", 8, 0, BASE_FINALS, embedding="random")
+    for name in ("summary.json", "metrics.jsonl", "DONE"):
+        (crashed / name).unlink()
+    (crashed / "FAILED").write_text("ConfigError: dim='K-2' is not allowed\n")
+    runs = load_runs(tmp_path / "sweep").set_index("run_key", drop=False)
+    apart = not_averaged(runs).set_index("path")
+    assert apart.loc[str(old.resolve()), "status"] == "unreadable"
+    assert "no run.json" in apart.loc[str(old.resolve()), "reason"]
+    failed = runs.loc["dim=K-2,head=etf,seed=0"]
+    assert (failed["status"], failed["head"], failed["feature_dim"], failed["embedding"]) == (
+        "failed", "etf", 8, "random")
+    assert failed["reason"] == "ConfigError: dim='K-2' is not allowed"
+
+
+def collapse(root: Path, etf_finals: dict, base_finals: dict = BASE_FINALS) -> pd.Series:
+    verdicts = claim_verdicts(claims_table(load_runs(hand_sweep(root, etf_finals, base_finals))))
+    return verdicts.set_index("claim").loc["collapse"]
+
+
+def test_collapse_verdict_names_every_failing_metric(tmp_path: Path) -> None:
+    worse = collapse(tmp_path / "worse", {"nc1": 0.01, "nc2_m": 0.511, "nc3": 0.557, "nc4": 0.0})
+    assert worse["verdict"] == "no"
+    assert ": no: nc2_m 0.511 vs 0.125, nc3 0.557 vs 0.119 (" in worse["text"]
+    assert worse["text"].startswith("ETF (coordinate) + d=K collapses at least as far")
+    better = collapse(tmp_path / "better", {"nc1": 0.1, "nc2_m": 0.1, "nc3": 0.1, "nc4": 0.0})
+    assert better["verdict"] == "yes" and ": yes (nc1 0.1 vs 0.2; nc2_m 0.1 vs 0.125" in better[
+        "text"]
+    rowspace = {"nc1_rowspace": 0.004, "nc2_m_rowspace": 0.1, "nc3_duality_rowspace": 0.1}
+    frozen = collapse(tmp_path / "rowspace", {**BASE_FINALS, **rowspace, "nc1_rowspace": 0.5},
+                      {**BASE_FINALS, **rowspace})
+    assert frozen["verdict"] == "no" and ": no: nc1_rowspace 0.5 vs 0.004 (" in frozen["text"]
+    unjudged = collapse(tmp_path / "unjudged", {**BASE_FINALS, **rowspace, "nc1_rowspace": 0.5})
+    assert unjudged["verdict"] == "yes"
+    assert "nc1_rowspace, nc2_m_rowspace, nc3_duality_rowspace not recorded for the baseline" in (
+        unjudged["text"])

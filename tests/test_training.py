@@ -37,6 +37,7 @@ def test_short_training_writes_a_complete_run(job_runner, loss: str, head: str, 
     assert rows[-1]["nc1"] == pytest.approx(summary["nc1"])
     assert rows[-1]["nc1"] < rows[0]["nc1"]
     assert json.loads((out / "config.json").read_text())["feature_dim"] == summary["feature_dim"]
+    assert_train_memory(summary)
 
 
 def test_training_is_reproducible_for_a_seed(job_runner) -> None:
@@ -80,6 +81,17 @@ def test_dry_run_sizes_the_model_without_reading_data(job_runner) -> None:
     assert summary["status"] == "dry_run" and summary["peak_memory_bytes"] > 0
     assert summary["params_total"] - summary["params_trainable"] == 100
     assert not (out / "DONE").exists() and not (out / "metrics.jsonl").exists()
+    assert_train_memory(summary)
+
+
+def assert_train_memory(summary: dict) -> None:
+    """float32 weights; Adam holds two moments of every trainable tensor and a step scalar each."""
+    parts = [summary[f"memory_{k}_bytes"] for k in ("params", "grads", "optimizer", "activations")]
+    assert summary["train_memory_bytes"] == sum(parts)
+    assert summary["memory_params_bytes"] == 4 * summary["params_total"]
+    assert summary["memory_grads_bytes"] == 4 * summary["params_trainable"]
+    assert summary["memory_optimizer_bytes"] > 2 * summary["memory_grads_bytes"]
+    assert summary["memory_activations_bytes"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

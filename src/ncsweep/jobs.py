@@ -207,11 +207,11 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     summary.update(run.describe())
     folder.write_config(plain)
     if trainer_cfg["dry_run"]:
-        peak = run.trainer.dry_run_step(run.model, run.loss, run.optimizer,
-                                        plain["dataset"]["num_classes"],
-                                        plain["dataset"]["input_shape"])
+        peak, account = run.trainer.dry_run_step(run.model, run.loss, run.optimizer,
+                                                 plain["dataset"]["num_classes"],
+                                                 plain["dataset"]["input_shape"])
         summary.update(status="dry_run", wall_time_s=time.perf_counter() - started,
-                       **_memory_fields(peak))
+                       **_memory_fields(peak, account))
         folder.write_summary(summary)
         return summary
     state = folder.load_checkpoint(context.key) if resume != "never" else None
@@ -240,7 +240,7 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
         mirror.finish(exit_code=1)
         raise
     summary.update(status="done", resumed_from_epoch=state["epoch"] if state else None,
-                   **result.final, **_memory_fields(result.peak_memory),
+                   **result.final, **_memory_fields(result.peak_memory, result.train_memory),
                    wall_time_s=time.perf_counter() - started, train_time_s=result.train_time_s,
                    time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
                    samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
@@ -255,9 +255,11 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     return summary
 
 
-def _memory_fields(peak: Any) -> dict:
-    return {"peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind,
-            "peak_memory_reserved_bytes": peak.reserved_bytes}
+def _memory_fields(peak: Any, account: Any) -> dict:
+    """The device's peak beside the step's account (nc-metrics.md, training memory)."""
+    fields = {"peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind,
+              "peak_memory_reserved_bytes": peak.reserved_bytes}
+    return {**fields, **(account.as_dict() if account is not None else {})}
 
 
 class SweepReport(Callback):

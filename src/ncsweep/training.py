@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,14 @@ from torch import nn
 
 from ncsweep.console import Progress
 from ncsweep.data import DataBundle, Split, batches
-from ncsweep.memory import PeakMemory, read_peak, reset_peak
+from ncsweep.memory import (
+    PeakMemory,
+    StepMeter,
+    TrainMemory,
+    read_peak,
+    reset_peak,
+    training_step_memory,
+)
 from ncsweep.nc import NCAccumulator
 
 Row = dict[str, float]
@@ -134,6 +142,7 @@ class FitResult:
     train_time_s: float
     samples_seen: int
     peak_memory: PeakMemory
+    train_memory: TrainMemory | None
 
 
 class Trainer:
@@ -165,21 +174,15 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
 
     def dry_run_step(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                     num_classes: int, input_shape: Sequence[int]) -> PeakMemory:
-        """One forward/backward/step on a random batch of the data's shape; returns peak memory."""
+                     num_classes: int, input_shape: Sequence[int]
+                     ) -> tuple[PeakMemory, TrainMemory]:
+        """One real step on a random batch of the data's shape: the device peak and the account."""
         batch = self.batch_size or 128
         reset_peak(self.device)
         x = model.example_input(batch, input_shape)
         y = torch.randint(num_classes, (x.shape[0],), device=self.device)
-
-        def closure():
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y) + model.penalty()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return read_peak(self.device)
+        account = training_step_memory(model, loss_fn, optimizer, x, y, penalty=model.penalty)
+        return read_peak(self.device), account
 
     def fit(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler, data: DataBundle, seed: int,
@@ -195,6 +198,7 @@ class Trainer:
                                                     generator)
         reset_peak(self.device)
         started, samples = time.perf_counter(), 0
+        train_memory: TrainMemory | None = None
         final: Row = {}
         if start_epoch == 0 and skip == 0:
             final = self._eval_point(model, loss_fn, data, 0, step, optimizer, on_eval)
@@ -211,7 +215,10 @@ class Trainer:
                     on_checkpoint(self._state(model, optimizer, scheduler, epoch_rng,
                                               epoch - 1, step, index))
                     raise StopRequested(f"stopped in epoch {epoch} after {index} batches")
-                loss_sum += self._step(model, loss_fn, optimizer, x, y).detach()
+                meter = StepMeter(model) if train_memory is None else None
+                loss_sum += self._step(model, loss_fn, optimizer, x, y, meter).detach()
+                if meter is not None:
+                    train_memory = meter.result(model, optimizer)
                 count += 1
                 step += 1
                 samples += y.numel()
@@ -226,15 +233,18 @@ class Trainer:
         elapsed = time.perf_counter() - started
         if not final:
             final = self._eval_point(model, loss_fn, data, self.epochs, step, optimizer, on_eval)
-        return FitResult(final, self.epochs - start_epoch, elapsed, samples, read_peak(self.device))
+        return FitResult(final, self.epochs - start_epoch, elapsed, samples, read_peak(self.device),
+                         train_memory)
 
     def _step(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-              x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+              x: torch.Tensor, y: torch.Tensor, meter: StepMeter | None = None) -> torch.Tensor:
+        """One optimiser step; ``meter`` notes what the forward saves for backward."""
         first_loss: list[torch.Tensor] = []
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y) + model.penalty()
+            with meter.saving() if meter is not None else nullcontext():
+                loss = loss_fn(model(x), y) + model.penalty()
             loss.backward()
             if not first_loss:
                 first_loss.append(loss.detach())

@@ -1,0 +1,67 @@
+"""``python -m ncsweep.report RUNS... [--out DIR] [--group-by KEYS] [--tolerance PTS]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import matplotlib
+
+from ncsweep.report.claims import DEFAULT_GROUP_BY, TOLERANCE_PTS
+from ncsweep.report.sources import ReportError, load
+from ncsweep.report.write import write_report
+
+PROG = "python -m ncsweep.report"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: sources, output folder, grouping and the accuracy tolerance."""
+    cli = argparse.ArgumentParser(
+        prog=PROG, description="Tables, verdicts and figures from ncsweep runs.")
+    cli.add_argument("runs", nargs="+", metavar="RUNS",
+                     help="run folders, sweep folders (searched recursively), W&B offline-run "
+                          "folders, or wandb://entity/project[?group=NAME]")
+    cli.add_argument("--out", default="report", help="output folder (default: ./report)")
+    cli.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), metavar="KEYS",
+                     help="comma-separated run columns that make a row of the claims table "
+                          "(default: %(default)s)")
+    cli.add_argument("--tolerance", type=float, default=TOLERANCE_PTS, metavar="PTS",
+                     help="test-accuracy points ETF + d=K may lose to the baseline "
+                          "(default: %(default)s)")
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Load the runs, write the report, print where; bad input is one line on stderr."""
+    args = parser().parse_args(argv)
+    matplotlib.use("Agg")
+    logging.basicConfig(format="ncsweep.report: %(levelname)s: %(message)s")
+    try:
+        group_by = _group_by(args.group_by)
+        runs, history = load(args.runs)
+        unknown = [k for k in group_by if k not in runs.columns]
+        if unknown:
+            raise ReportError(f"--group-by {','.join(unknown)}: not a run column (try "
+                              f"{', '.join(DEFAULT_GROUP_BY)}, optim, embedding, name, seed)")
+        written = write_report(runs, history, args.out, group_by, args.runs, args.tolerance)
+    except ReportError as err:
+        print(f"ncsweep.report: error: {err}", file=sys.stderr)
+        return 1
+    counts = runs["status"].value_counts().to_dict()
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    report = next(p for p in written if p.name == "report.md")
+    print(f"ncsweep.report: {len(runs)} runs ({summary}); {len(written)} files: {report}")
+    return 0
+
+
+def _group_by(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    if not keys:
+        raise ReportError("--group-by needs at least one column, e.g. dataset,arch,loss")
+    return keys
+
+
+if __name__ == "__main__":
+    sys.exit(main())

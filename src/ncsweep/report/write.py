@@ -1,0 +1,321 @@
+"""Building the report (the document, runs.csv, figures) and publishing it all or nothing."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ncsweep.report.claims import (
+    BASELINE,
+    COLLAPSE_FLOOR,
+    COLLAPSE_REL_TOL,
+    DEFAULT_GROUP_BY,
+    ROWSPACE_METRICS,
+    TOLERANCE_PTS,
+    claim_verdicts,
+    claims_table,
+    epochs_text,
+    mixed_cells,
+    not_averaged,
+    other_settings,
+    setting_name,
+    ufm_suspects,
+    ufm_table,
+)
+from ncsweep.report.document import Document
+from ncsweep.report.figures import (
+    curves_figure,
+    resources_figure,
+    save_png,
+    setting_label,
+    ufm_figure,
+)
+
+_SLUG = re.compile(r"[^A-Za-z0-9_.+-]+")
+STATUS_ORDER = ("done", "failed", "running", "dry_run", "unreadable")
+
+
+def groups_of(table: pd.DataFrame, group_by: Sequence[str]) -> list[dict]:
+    """The (dataset, arch, loss)-style groups of a claims table, in table order."""
+    keys = list(group_by)
+    unique = table[keys].drop_duplicates().itertuples(index=False, name=None)
+    return [dict(zip(keys, values, strict=True)) for values in unique]
+
+
+def slug(group: dict) -> str:
+    """A file-name-safe name for a group, e.g. ``digits-mlp-ce``."""
+    return _SLUG.sub("_", "-".join(str(v) for v in group.values())).strip("_") or "all"
+
+
+def make_figures(runs: pd.DataFrame, history: pd.DataFrame, table: pd.DataFrame,
+                 group_by: Sequence[str]) -> dict[str, Figure]:
+    """Every figure of the report by file name: curves and resources per group, the UFM plot."""
+    made: dict[str, Figure] = {}
+    for group in groups_of(table, group_by):
+        name = slug(group)
+        if not history.empty:
+            made[f"curves-{name}.png"] = curves_figure(runs, history, group, group_by)
+        made[f"resources-{name}.png"] = resources_figure(table, group)
+    ufm = ufm_figure(runs)
+    if ufm is not None:
+        made["ufm.png"] = ufm
+    return made
+
+
+def format_claims(table: pd.DataFrame, group: dict, rows: dict | None = None) -> pd.DataFrame:
+    """One group's cells as text: rows are quantities, columns the four head x d settings."""
+    rows = _ROWS if rows is None else rows
+    cells = table
+    for key, value in group.items():
+        cells = cells[cells[key] == value]
+    large = cells.loc[cells["d_kind"] == "large", "feature_dim"].dropna()
+    columns = {}
+    for _, cell in cells.iterrows():
+        label = setting_label(cell["setting"], large.iloc[0] if len(large) else None)
+        columns[label] = _cell_text(cell, rows)
+    return pd.DataFrame(columns, index=list(rows))
+
+
+def format_rowspace(table: pd.DataFrame, group: dict) -> pd.DataFrame | None:
+    """The row-space metrics of one group (what a frozen head's loss sees), None if not logged."""
+    cells = table
+    for key, value in group.items():
+        cells = cells[cells[key] == value]
+    logged = [m for m in ROWSPACE_METRICS if cells[f"{m}_mean"].notna().any()]
+    if not logged:
+        return None
+    return format_claims(table, group, {
+        "finished runs (seeds)": _ROWS["finished runs (seeds)"],
+        **{f"{m} (end)": (lambda c, m=m: _sci(c, m)) for m in logged}})
+
+
+_ROWS = {
+    "finished runs (seeds)": lambda c: f"{c['n_done']} ({c['seeds'] or '-'})",
+    "failed / running / diverged": lambda c: f"{c['n_failed']} / {c['n_running']} / "
+                                             f"{c['n_diverged']}",
+    "test acc, %": lambda c: _pct(c, "test_acc"),
+    "Δ test acc vs baseline, pts": lambda c: _signed(c["test_acc_delta_pts"], ".2f"),
+    "train acc, %": lambda c: _pct(c, "train_acc"),
+    "Δ train acc vs baseline, pts": lambda c: _signed(c["train_acc_delta_pts"], ".2f"),
+    "NC1 (end)": lambda c: _sci(c, "nc1"),
+    "NC2 (nc2_m, end)": lambda c: _sci(c, "nc2_m"),
+    "NC2 orthogonal frame (nc2_of, end)": lambda c: _sci(c, "nc2_of"),
+    "NC3 (end)": lambda c: _sci(c, "nc3"),
+    "NC4 (end)": lambda c: _sci(c, "nc4"),
+    "NC4 on the test set (nc4_test, end)": lambda c: _sci(c, "nc4_test"),
+    "trainable params": lambda c: _count(c["params_trainable_mean"]),
+    "trainable params saved": lambda c: _signed(c["params_trainable_saved_pct"], ".1f", "%"),
+    "peak memory, MiB": lambda c: _memory(c),
+    "peak memory saved": lambda c: _signed(c["peak_memory_bytes_saved_pct"], ".1f", "%"),
+    "train-step memory, MiB": lambda c: _mib(c, "train_memory_bytes"),
+    "train-step memory saved": lambda c: _signed(c["train_memory_bytes_saved_pct"], ".1f", "%"),
+    "epochs to 100% train acc": lambda c: epochs_text(c) if c["n_done"] else "-",
+}
+
+
+def _cell_text(cell: pd.Series, rows: dict) -> list[str]:
+    if cell["n_done"] == 0:
+        texts = ["-"] * len(rows)
+        texts[0] = "missing (no finished runs)"
+        if "failed / running / diverged" in rows:
+            texts[1] = _ROWS["failed / running / diverged"](cell)
+        return texts
+    texts = [fmt(cell) for fmt in rows.values()]
+    if cell["setting"] == setting_name(*BASELINE):
+        texts = ["baseline" if "vs baseline" in row or "saved" in row else text
+                 for row, text in zip(rows, texts, strict=True)]
+    return texts
+
+
+def _nan(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _pct(cell: pd.Series, metric: str) -> str:
+    mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
+    if _nan(mean):
+        return "-"
+    spread = "" if _nan(std) else f" ± {100 * std:.2f}"
+    return f"{100 * mean:.2f}{spread} (n={cell['n_done']})"
+
+
+def _sci(cell: pd.Series, metric: str) -> str:
+    mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
+    if _nan(mean):
+        return "-"
+    return f"{mean:.3g}" + ("" if _nan(std) else f" ± {std:.2g}")
+
+
+def _signed(value: float, spec: str, unit: str = "") -> str:
+    return "-" if _nan(value) else f"{value:+{spec}}{unit}"
+
+
+def _count(value: float) -> str:
+    return "-" if _nan(value) else f"{value:,.0f}"
+
+
+def _mib(cell: pd.Series, metric: str) -> str:
+    mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
+    if _nan(mean):
+        return "-"
+    return f"{mean / 2**20:.1f}" + ("" if _nan(std) else f" ± {std / 2**20:.1f}")
+
+
+def _memory(cell: pd.Series) -> str:
+    mean, std = cell["peak_memory_bytes_mean"], cell["peak_memory_bytes_std"]
+    if _nan(mean):
+        return "-"
+    spread = "" if _nan(std) else f" ± {std / 2**20:.1f}"
+    return f"{mean / 2**20:.1f}{spread} ({cell['peak_memory_kind']})"
+
+
+def build_document(runs: pd.DataFrame, table: pd.DataFrame, verdicts: pd.DataFrame,
+                   figure_names: Sequence[str], group_by: Sequence[str],
+                   sources: Sequence[str]) -> Document:
+    """report.md / report.html content: counts, claims per group, UFM landscape, runs apart."""
+    doc = Document("Neural Collapse sweep report")
+    _overview(doc, runs, sources)
+    _suspect_alarm(doc, runs)
+    if not table.empty:
+        _claims_section(doc, runs, table, verdicts, figure_names, group_by)
+    _ufm_section(doc, runs, "ufm.png" in figure_names)
+    _apart_section(doc, runs)
+    doc.rule()
+    doc.paragraph(f"Written by `python -m ncsweep.report` on {time.strftime('%Y-%m-%d %H:%M')}. "
+                  "Runs are read from their run folders (identity from run.json, results from "
+                  "summary.json and metrics.jsonl, markers) through ncsweep.tracking, or from "
+                  "W&B runs mapped onto the same columns. "
+                  "Every run is one row of runs.csv.")
+    return doc
+
+
+def _overview(doc: Document, runs: pd.DataFrame, sources: Sequence[str]) -> None:
+    counts = runs["status"].value_counts()
+    parts = [f"{counts[s]} {s.replace('_', ' ')}" for s in STATUS_ORDER if s in counts]
+    doc.paragraph(f"Sources: {', '.join(f'`{s}`' for s in sources) or '-'}")
+    doc.paragraph(f"**{len(runs)} runs**: {', '.join(parts)}. Only finished (done) runs are "
+                  "averaged; the others are listed apart at the end.")
+
+
+def _suspect_alarm(doc: Document, runs: pd.DataFrame) -> None:
+    suspects = ufm_suspects(runs)
+    if suspects.empty:
+        return
+    doc.warning(f"**{len(suspects)} UFM run(s) flagged spurious_minimum_suspect**: gradient "
+                "near zero, objective above the global optimum and no negative curvature found. "
+                "Either a counterexample to the d = K theorem or a numerical problem: "
+                "inspect these runs.")
+    doc.bullets([f"`{p}` (K={k}, d={d}, {loss}, seed {s}, gap {g:.3g})" for p, k, d, loss, s, g in
+                 suspects[["path", "num_classes", "feature_dim", "loss", "seed",
+                           "objective_gap"]].itertuples(index=False, name=None)])
+
+
+def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
+                    verdicts: pd.DataFrame, figure_names: Sequence[str],
+                    group_by: Sequence[str]) -> None:
+    doc.heading(2, "Claims: a fixed simplex-ETF head at d = K against a learned head at large d")
+    doc.paragraph("Baseline: a learned head at the largest d of the group. \"d=K\" means "
+                  "feature_dim equals num_classes. Cells are mean ± std over seeds (ddof=1) of "
+                  "finished runs at the end of training; NC2 is `nc2_m` (class means against "
+                  "the simplex ETF); accuracies are in percent, differences in points. "
+                  "Collapse: NC1, NC2 (nc2_m) and NC3 are each judged against the baseline, and "
+                  "for the frozen ETF head also their row-space variants (features projected "
+                  "onto the span of the head's rows, all the loss sees) where logged; a metric "
+                  f"passes within {100 * COLLAPSE_REL_TOL:g}% of the baseline or below "
+                  f"{COLLAPSE_FLOOR:g}. Memory: the CUDA peak where both sides ran on a GPU, "
+                  "else train_memory_bytes (parameters, gradients, optimizer state and saved "
+                  "activations of one step).")
+    for note in mixed_cells(runs, group_by):
+        doc.warning(note)
+    others = other_settings(runs, group_by)
+    if others:
+        doc.paragraph(f"Finished runs in other settings, not in the table: {', '.join(others)}.")
+    for group in groups_of(table, group_by):
+        title = " / ".join(f"{k}={v}" for k, v in group.items())
+        doc.heading(3, title)
+        mask = (verdicts[list(group)] == pd.Series(group)).all(axis=1)
+        doc.bullets(list(verdicts.loc[mask, "text"]))
+        doc.table(format_claims(table, group))
+        rowspace = format_rowspace(table, group)
+        if rowspace is not None:
+            doc.paragraph("Row-space metrics (features projected onto the row space of the "
+                          "head's weights, what a frozen head's loss sees):")
+            doc.table(rowspace)
+        for prefix, alt in (("curves", "NC metrics and accuracy per epoch"),
+                            ("resources", "parameters and peak memory")):
+            name = f"{prefix}-{slug(group)}.png"
+            if name in figure_names:
+                doc.image(name, f"{title}: {alt}")
+
+
+def _ufm_section(doc: Document, runs: pd.DataFrame, has_figure: bool) -> None:
+    table = ufm_table(runs)
+    if table.empty:
+        return
+    doc.heading(2, "UFM landscape: every critical point at d = K is a global minimum or a "
+                   "strict saddle")
+    n, reached = int(table["n"].sum()), int(table["n_optimum"].sum())
+    flagged = int(table["n_spurious_suspect"].sum())
+    doc.bullets([f"random starts that reached the global optimum: {reached}/{n} "
+                 f"({100 * reached / n:.0f}%)",
+                 f"no spurious local minimum found: {'yes' if flagged == 0 else 'NO'} "
+                 f"({flagged} suspect{'s' if flagged != 1 else ''})"])
+    shown = table.rename(columns={"num_classes": "K", "feature_dim": "d"})
+    for column in ("gap_median", "gap_max", "hessian_min_eig_min", "grad_norm_max"):
+        shown[column] = shown[column].map(lambda v: "-" if _nan(v) else f"{v:.3g}")
+    shown["optimum_share"] = shown["optimum_share"].map(lambda v: f"{100 * v:.0f}%")
+    doc.table(shown, index=False)
+    if has_figure:
+        doc.image("ufm.png", "UFM objective gap, smallest Hessian eigenvalue, share at optimum")
+
+
+def _apart_section(doc: Document, runs: pd.DataFrame) -> None:
+    apart = not_averaged(runs)
+    doc.heading(2, "Runs not averaged (failed, still running, dry runs, unreadable)")
+    if apart.empty:
+        doc.paragraph("None: every run finished.")
+        return
+    doc.table(apart[["status", "path", "reason"]], index=False)
+
+
+def write_report(runs: pd.DataFrame, history: pd.DataFrame, out: str | os.PathLike,
+                 group_by: Sequence[str] = DEFAULT_GROUP_BY,
+                 sources: Sequence[str] = (),
+                 tolerance_pts: float = TOLERANCE_PTS) -> list[Path]:
+    """Write runs.csv, report.md, report.html and the figures into ``out``, all or nothing."""
+    table = claims_table(runs, group_by)
+    verdicts = claim_verdicts(table, group_by, tolerance_pts)
+    made = make_figures(runs, history, table, group_by)
+    doc = build_document(runs, table, verdicts, list(made), group_by, sources)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)
+    try:
+        runs.to_csv(staging / "runs.csv", index=False)
+        (staging / "report.md").write_text(doc.to_markdown())
+        (staging / "report.html").write_text(doc.to_html())
+        for name, figure in made.items():
+            save_png(figure, staging / name)
+        return _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path) -> list[Path]:
+    names = sorted(p.name for p in staging.iterdir())
+    if not out.exists():
+        os.replace(staging, out)
+    else:
+        for name in names:
+            os.replace(staging / name, out / name)
+    return [out / name for name in names]
