@@ -18,7 +18,8 @@ import torch
 from hydra.utils import instantiate
 
 from ncsweep import data as D
-from ncsweep.config import validate
+from ncsweep.config import ConfigError, validate
+from ncsweep.console import setup_logging
 from ncsweep.models import MLP, ResNet, WeightsNotFound, load_matching_weights
 from ncsweep.training import count_parameters
 from tests.conftest import CONF, FAST, compose_cfg, run_cli
@@ -105,24 +106,36 @@ def load(overrides: list[str]) -> D.DataBundle:
 
 # ------------------------------------------------------------------------------------ presets
 
+# What each preset's cited code runs (the comment block atop each preset gives file and line):
+# batch, lr, weight decay, augmentation, stem, epochs, LR milestones. SGD with momentum 0.9.
+PUBLISHED_SETUPS = {
+    "zhu2021_cifar10_resnet18": (128, 0.05, 5e-4, True, "cifar", 200, [40, 80, 120, 160]),
+    "zhu2021_mnist_resnet18": (128, 0.05, 5e-4, False, "cifar", 200, [40, 80, 120, 160]),
+    "zhu2021_mlp": (64, 0.01, 1e-4, False, None, 200, [40, 80, 120, 160]),
+    # their nn.MSELoss is K/2 times smaller than ncsweep's mse: lr 0.05, wd 5e-4 there
+    "zhou2022_mse_dims": (128, 0.01, 2.5e-3, True, "cifar", 200, [40, 80, 120, 160]),
+    "papyan2020_cifar10": (128, 0.05, 5e-4, False, "imagenet", 350, [0.333333, 0.666667]),
+}
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_composes_and_validates(preset: str) -> None:
+def test_every_preset_composes_to_its_published_setup(preset: str) -> None:
     assert (CONF / "experiment" / f"{preset}.yaml").read_text().startswith("# @package _global_")
     plain = validate(compose_cfg([f"experiment={preset}"]))
-    assert plain["trainer"]["batch_size"] == 128
+    batch, lr, decay, augment, stem, epochs, milestones = PUBLISHED_SETUPS[preset]
+    assert plain["trainer"]["batch_size"] == batch
     assert plain["optim"]["_target_"] == "torch.optim.SGD"
-    assert (plain["optim"]["lr"], plain["optim"]["momentum"]) == (0.05, 0.9)
-    assert plain["optim"]["weight_decay"] == 5e-4
-    assert plain["dataset"]["augment"] is False
-    epochs = 350 if preset.startswith("papyan") else 200
+    assert (plain["optim"]["lr"], plain["optim"]["momentum"]) == (lr, 0.9)
+    assert plain["optim"]["weight_decay"] == decay
+    assert plain["dataset"]["augment"] is augment
+    assert plain["arch"].get("stem") == stem
     assert plain["trainer"]["epochs"] == epochs
-    if preset.startswith("papyan"):
-        assert plain["schedule"]["milestones"] == [0.333333, 0.666667]
-    else:
-        assert plain["schedule"]["milestones"] == [40, 80, 120, 160]
-    # the design card: the command line picks head and dim over the preset's
+    assert plain["schedule"]["milestones"] == milestones
+    # the design card: the command line picks head and dim over the preset's; the ETF is
+    # the papers' own (frame on the first K coordinates)
     etf = validate(compose_cfg([f"experiment={preset}", "head=etf", "dim=K"]))
     assert etf["head"]["_target_"].endswith("ETFHead") and etf["feature_dim"] == K
+    assert etf["head"]["embedding"] == "coordinate"
 
 
 def test_zhou2022_sweeps_the_published_dims_with_mse() -> None:
@@ -187,13 +200,14 @@ def test_linear_feature_layer_and_cifar_stem() -> None:
 
 
 def test_image_backbones_reject_flat_inputs() -> None:
-    with pytest.raises(ValueError, match=r"arch=resnet18 needs image inputs \[C, H, W\]"):
+    with pytest.raises(ConfigError, match=r"input_shape=\[64\] is not allowed: \[C, H, W\]"):
         ResNet((64,), 10)
 
 
 def test_pretrained_weights_load_where_shapes_match(tmp_path: Path, monkeypatch, capsys) -> None:
     import torchvision
 
+    setup_logging()
     torch.manual_seed(1)
     source = torchvision.models.resnet18(num_classes=1000)
     hub = tmp_path / "hub"
@@ -388,7 +402,7 @@ def test_class_subset_relabels_in_the_given_order(tmp_path: Path) -> None:
                    "dataset.num_classes=3"])
     assert bundle.num_classes == 3 and len(bundle.train) == 15 and len(bundle.test) == 3
     assert bundle.test.labels.tolist() == [1, 2, 0]  # classes 2, 5, 7 in file order
-    with pytest.raises(ValueError, match=r"dataset\.num_classes=\[10\] does not match"):
+    with pytest.raises(ConfigError, match=r"^dataset\.num_classes=10 is not allowed: 3, "):
         load(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.classes=[7,2,5]"])
 
 
@@ -399,7 +413,7 @@ def test_samples_per_class_is_balanced_and_seeded() -> None:
     c = D.subsample_per_class(split, 7, K, np.random.default_rng([1, 0]))
     assert torch.bincount(a.labels).tolist() == [7] * K
     assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, c.inputs)
-    with pytest.raises(ValueError, match="class 0 has only 50"):
+    with pytest.raises(ConfigError, match="class 0 has only 50"):
         D.subsample_per_class(split, 51, K, np.random.default_rng(0))
 
 
@@ -453,7 +467,7 @@ def test_random_labels_and_noise_keep_the_clean_labels(tmp_path: Path) -> None:
                    "dataset.samples_per_class=16"])
     assert torch.bincount(skewed.train.labels).tolist() == D.imbalance_counts([16] * K, "exp", 4)
     assert skewed.info["train_class_count_max"] == 16 and skewed.info["imbalance_ratio"] == 4.0
-    with pytest.raises(ValueError, match=r"dataset\.label_noise='flip' is not allowed"):
+    with pytest.raises(ConfigError, match=r"^dataset\.label_noise='flip' is not allowed"):
         load([*base, "dataset.label_noise=flip"])
 
 
@@ -499,12 +513,17 @@ def test_dry_run_shows_the_parameter_saving_of_d_equals_k(job_runner, tmp_path: 
             "trainer.batch_size=2", "trainer.device=cpu"]
     _, wide = job_runner([*base, "head=learned", "dim=512"])
     _, narrow = job_runner([*base, "head=etf", "dim=K"])
-    assert wide["params_total"] == PUBLISHED[("resnet18", 512)]
-    assert narrow["params_total"] == PUBLISHED[("resnet18", 10)]
+    # the preset's 3x3 CIFAR stem has 7,680 fewer weights than torchvision's 7x7 one
+    assert wide["params_total"] == PUBLISHED[("resnet18", 512)] - 64 * 3 * (49 - 9)
+    assert narrow["params_total"] == PUBLISHED[("resnet18", 10)] - 64 * 3 * (49 - 9)
     saving = 1 - narrow["params_total"] / wide["params_total"]
     assert round(100 * saving, 1) == 20.7
     assert narrow["params_trainable"] == narrow["params_total"] - K * K
     assert wide["peak_memory_bytes"] > 0 and narrow["peak_memory_bytes"] > 0
+    assert 0 < narrow["train_memory_bytes"] < wide["train_memory_bytes"]
+    assert narrow["memory_params_bytes"] == 4 * narrow["params_total"]
+    _, torchvision_stem = job_runner([*base, "head=learned", "dim=512", "arch.stem=imagenet"])
+    assert torchvision_stem["params_total"] == PUBLISHED[("resnet18", 512)]
     assert not (tmp_path / "no-data-here").exists()
 
 

@@ -177,10 +177,19 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
             for item in values:
                 check_dim_syntax(item)
         elif group.is_dir() and "." not in key:
-            options = sorted(p.stem for p in group.glob("*.yaml"))
+            options = group_options(group)
             for item in values:
                 if item not in options and item != "null":
                     raise ConfigError(key, item, "one of " + ", ".join(options))
+
+
+def group_options(group: Path) -> list[str]:
+    """The choices of a config group: its top-level files, not the bases they build on.
+
+    Shared bases live in sub-folders (``dataset/base/image.yaml``) or start with ``_``; they
+    are included through a choice's ``defaults`` list, never chosen on their own.
+    """
+    return sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _sweep_values(value: str) -> list[str]:

@@ -1,0 +1,33 @@
+"""Data sets as in-memory tensors, and the batching that feeds them to a model on any device.
+
+- ``containers``: :class:`Split`, :class:`DataBundle` and :func:`batches`;
+- ``tabular``: scikit-learn's digits, a Gaussian mixture, the UFM's sample indices;
+- ``images`` and ``files``: torchvision's image sets read offline, ImageFolder trees;
+- ``variants``: class subsets, subsampling, imbalance, label noise and random labels.
+
+Every builder returns a :class:`DataBundle`; its ``num_classes`` and ``input_shape`` are checked
+against what the config declared, so a dry run can size a model without the data.
+"""
+
+from ncsweep.data.containers import DataBundle, Split, batches
+from ncsweep.data.files import DatasetNotFound
+from ncsweep.data.images import FORMATS, FileSource, ImageView, load_images
+from ncsweep.data.tabular import load_digits, make_synthetic, make_ufm
+from ncsweep.data.variants import (
+    IMBALANCE_PROFILES,
+    NOISE_KINDS,
+    add_label_noise,
+    imbalance_counts,
+    make_imbalanced,
+    noise_rate,
+    randomise_labels,
+    select_classes,
+    subsample_per_class,
+)
+
+__all__ = [
+    "FORMATS", "IMBALANCE_PROFILES", "NOISE_KINDS", "DataBundle", "DatasetNotFound",
+    "FileSource", "ImageView", "Split", "add_label_noise", "batches", "imbalance_counts",
+    "load_digits", "load_images", "make_imbalanced", "make_synthetic", "make_ufm", "noise_rate",
+    "randomise_labels", "select_classes", "subsample_per_class",
+]

@@ -1,0 +1,124 @@
+"""The in-memory containers every data set builder returns, and the batching that feeds them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ncsweep.config import ConfigError
+
+if TYPE_CHECKING:
+    from ncsweep.data.images import FileSource, ImageView
+
+
+@dataclass
+class Split:
+    """Inputs and integer labels of one split.
+
+    ``inputs`` is either the model's input itself (float rows), stored images that ``view``
+    turns into model inputs batch by batch (uint8, N x C x H x W), or, when ``source`` is set,
+    the indices of this split's samples in a file-backed data set that a DataLoader reads.
+    ``clean_labels`` are the labels before any label noise or random labels (``labels`` is
+    what the model trains on); None when the two are the same.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    clean_labels: torch.Tensor | None = None
+    view: ImageView | None = None
+    source: FileSource | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def true_labels(self) -> torch.Tensor:
+        """The clean labels (the labels themselves when no noise was added)."""
+        return self.labels if self.clean_labels is None else self.clean_labels
+
+    def to(self, device: torch.device) -> Split:
+        """The split on ``device`` (a file-backed split keeps its indices on the CPU)."""
+        clean = self.clean_labels.to(device) if self.clean_labels is not None else None
+        inputs = self.inputs if self.source is not None else self.inputs.to(device)
+        return Split(inputs, self.labels.to(device), clean, self.view, self.source)
+
+    def select(self, rows: torch.Tensor | np.ndarray) -> Split:
+        """The sub-split of the given rows (in that order)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        clean = self.clean_labels[rows.to(self.clean_labels.device)] \
+            if self.clean_labels is not None else None
+        return Split(self.inputs[rows.to(self.inputs.device)],
+                     self.labels[rows.to(self.labels.device)], clean, self.view, self.source)
+
+
+@dataclass
+class DataBundle:
+    """A train split, an optional test split, and what the model needs to know about them."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train: Split
+    test: Split | None
+    info: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> DataBundle:
+        """The bundle with both splits on ``device``."""
+        test = self.test.to(device) if self.test is not None else None
+        return DataBundle(self.name, self.num_classes, self.input_shape, self.train.to(device),
+                          test, self.info)
+
+
+def check_declared(name: str, key: str, declared: Sequence[int] | int,
+                   actual: Sequence[int] | int) -> None:
+    """Refuse a declared ``num_classes``/``input_shape`` that the data lacks: dry runs trust it."""
+    want, have = _ints(declared), _ints(actual)
+    if want != have:
+        raise ConfigError(f"dataset.{key}", want,
+                          f"{have}, what the {name} data has with these options")
+
+
+def _ints(value: Sequence[int] | int) -> list[int] | int:
+    return int(value) if isinstance(value, int) else [int(n) for n in value]
+
+
+def as_split(x: np.ndarray, y: np.ndarray) -> Split:
+    """A split of float32 input rows and int64 labels."""
+    return Split(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+
+
+def batches(split: Split, batch_size: int | None, generator: torch.Generator | None = None,
+            augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of a split on its labels' device; shuffled when a generator is given.
+
+    A full batch is not shuffled: the order changes nothing but the cost of the gather.
+
+    Stored images pass through the split's ``view`` (normalisation, and with ``augment`` the
+    random crop and flip, drawn from ``generator``); a file-backed split is read by a
+    DataLoader's workers and moved to the device batch by batch.
+    """
+    n = len(split)
+    size = n if not batch_size else min(batch_size, n)
+    device = split.labels.device
+    shuffle = generator is not None and size < n
+    order = torch.randperm(n, generator=generator).to(device) if shuffle else None
+    if split.source is not None:
+        rows = (order.cpu() if order is not None else torch.arange(n)).split(size)
+        for x, pos in split.source.read(split.inputs, rows, augment, generator, device):
+            x = split.view(x) if split.view is not None else x
+            yield x, split.labels[pos.to(device)]
+        return
+    view = split.view
+    for start in range(0, n, size):
+        if order is None:
+            x, y = split.inputs[start:start + size], split.labels[start:start + size]
+        else:
+            idx = order[start:start + size]
+            x, y = split.inputs[idx], split.labels[idx]
+        if view is not None:
+            x = view(x, generator if augment else None)
+        yield x, y
