@@ -75,6 +75,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, sig
     assert rows_of(folder) == rows_of(uninterrupted)
     expected = uninterrupted.read_summary()
     assert {k: summary[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+    assert summary["attempts"] == 2 and expected["attempts"] == 1
+    for kind in ("wall", "train"):
+        total, last = summary[f"{kind}_time_s"], summary[f"last_attempt_{kind}_time_s"]
+        assert total > last > 0  # the first attempt's time is counted too
+        assert expected[f"{kind}_time_s"] == expected[f"last_attempt_{kind}_time_s"]
 
 
 def test_resume_must_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -224,6 +224,14 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     mirror.start(folder.path, context.wandb_id, context.key, context.name, plain,
                  quiet=not trainer_cfg["progress"])
 
+    earlier_wall = float(state.get("wall_time_s", 0.0)) if state else 0.0
+    attempts = int(state.get("attempts", 1)) + 1 if state else 1
+
+    def save(checkpoint: dict) -> None:
+        folder.save_checkpoint({**checkpoint, "attempts": attempts,
+                                "wall_time_s": earlier_wall + time.perf_counter() - started},
+                               context.key)
+
     def on_eval(row: dict) -> None:
         folder.append_metrics(row)
         mirror.log(row, step=int(row["epoch"]))
@@ -231,7 +239,7 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     try:
         result = run.trainer.fit(
             run.model, run.loss, run.optimizer, run.scheduler, run.data, plain["seed"],
-            on_eval=on_eval, on_checkpoint=lambda s: folder.save_checkpoint(s, context.key),
+            on_eval=on_eval, on_checkpoint=save,
             stop_requested=stop, resume_state=state)
     except StopRequested as err:
         mirror.finish(exit_code=1)
@@ -241,7 +249,7 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
         raise
     summary.update(status="done", resumed_from_epoch=state["epoch"] if state else None,
                    **result.final, **_memory_fields(result.peak_memory, result.train_memory),
-                   wall_time_s=time.perf_counter() - started, train_time_s=result.train_time_s,
+                   **_times(time.perf_counter() - started, earlier_wall, result, attempts),
                    time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
                    samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
     summary.update(run.final_checks(result.final))
@@ -253,6 +261,14 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     mirror.finish(summary)
     folder.mark_done()
     return summary
+
+
+def _times(wall: float, earlier_wall: float, result: Any, attempts: int) -> dict:
+    """Time summed over every attempt of a resumed run, and the last attempt's apart."""
+    return {"wall_time_s": earlier_wall + wall,
+            "train_time_s": result.earlier_train_time_s + result.train_time_s,
+            "last_attempt_wall_time_s": wall, "last_attempt_train_time_s": result.train_time_s,
+            "attempts": attempts}
 
 
 def _memory_fields(peak: Any, account: Any) -> dict:

@@ -140,6 +140,7 @@ class FitResult:
     final: Row
     epochs_run: int
     train_time_s: float
+    earlier_train_time_s: float
     samples_seen: int
     peak_memory: PeakMemory
     train_memory: TrainMemory | None
@@ -196,8 +197,14 @@ class Trainer:
         if resume_state is not None:
             start_epoch, step, skip = self._restore(resume_state, model, optimizer, scheduler,
                                                     generator)
+        earlier = float(resume_state.get("train_time_s", 0.0)) if resume_state else 0.0
         reset_peak(self.device)
         started, samples = time.perf_counter(), 0
+
+        def state(data_rng: torch.Tensor, epoch: int, batch: int) -> dict:
+            return {**self._state(model, optimizer, scheduler, data_rng, epoch, step, batch),
+                    "train_time_s": earlier + time.perf_counter() - started}
+
         train_memory: TrainMemory | None = None
         final: Row = {}
         if start_epoch == 0 and skip == 0:
@@ -212,8 +219,7 @@ class Trainer:
                 if index < skip:
                     continue
                 if stop_requested():
-                    on_checkpoint(self._state(model, optimizer, scheduler, epoch_rng,
-                                              epoch - 1, step, index))
+                    on_checkpoint(state(epoch_rng, epoch - 1, index))
                     raise StopRequested(f"stopped in epoch {epoch} after {index} batches")
                 meter = StepMeter(model) if train_memory is None else None
                 loss_sum += self._step(model, loss_fn, optimizer, x, y, meter).detach()
@@ -228,13 +234,12 @@ class Trainer:
             if epoch % self.eval_every == 0 or epoch == self.epochs:
                 final = self._eval_point(model, loss_fn, data, epoch, step, optimizer, on_eval)
             if epoch % self.checkpoint_every == 0 or epoch == self.epochs:
-                on_checkpoint(self._state(model, optimizer, scheduler, generator.get_state(),
-                                          epoch, step, 0))
+                on_checkpoint(state(generator.get_state(), epoch, 0))
         elapsed = time.perf_counter() - started
         if not final:
             final = self._eval_point(model, loss_fn, data, self.epochs, step, optimizer, on_eval)
-        return FitResult(final, self.epochs - start_epoch, elapsed, samples, read_peak(self.device),
-                         train_memory)
+        return FitResult(final, self.epochs - start_epoch, elapsed, earlier, samples,
+                         read_peak(self.device), train_memory)
 
     def _step(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
               x: torch.Tensor, y: torch.Tensor, meter: StepMeter | None = None) -> torch.Tensor:
