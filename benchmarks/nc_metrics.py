@@ -1,7 +1,8 @@
 """Speed and memory of ncsweep.nc: nc_metrics against one float64 Gram, and streaming state.
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/nc_metrics.py
+Run: PYTHONPATH=src .venv/bin/python benchmarks/nc_metrics.py [--overhead]
 Each memory configuration runs in a fresh subprocess so that its peak RSS is its own.
+``--overhead`` runs only the share of the row-space keys and nc4_test in an eval point.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from ncsweep.nc import NCAccumulator, nc_metrics
+from ncsweep import nc
+from ncsweep.nc import HeldOutNC4, NCAccumulator, nc_metrics
 
 N, D, K = 50_000, 512, 10
+N_TEST = 10_000
 LOOP_SLICE = 5_000
 BATCH = 5_000
 REPEATS = 3
+OVERHEAD_REPEATS = 7
 BUDGET = 512 * 2**20
 
 
@@ -31,18 +35,19 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) of REPEATS calls each, taken in turns so background load hits all."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = REPEATS,
+    stat: Callable[[Iterable[float]], float] = statistics.median,
+) -> dict[str, tuple[float, float]]:
+    """`stat` (wall, CPU) of `repeats` calls each, taken in turns so background load hits all."""
     for fn in fns.values():
         fn()
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for name, fn in fns.items():
             runs[name].append(timed(fn))
-    return {
-        name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-        for name, rs in runs.items()
-    }
+    return {name: (stat(r[0] for r in rs), stat(r[1] for r in rs)) for name, rs in runs.items()}
 
 
 def per_sample_loop(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
@@ -95,6 +100,62 @@ def speed() -> None:
         f"  1 thread(s): per-sample loop, {LOOP_SLICE} samples timed, x{N // LOOP_SLICE}: "
         f"{loop:.1f} s = {loop / med['gram'][0]:.0f} x Gram, {loop / med['nc'][0]:.0f} x nc_metrics"
     )
+    torch.set_num_threads(threads)
+
+
+def overhead() -> None:
+    """Seconds of the row-space keys and of nc4_test, as a share of the rest of nc_metrics."""
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randint(0, K, (N,), generator=gen)
+    h = 3.0 * torch.nn.functional.one_hot(y, D).float() + torch.randn(N, D, generator=gen)
+    h_test = torch.randn(N_TEST, D, generator=gen) + h[:N_TEST]
+    w, b = torch.randn(K, D, generator=gen), torch.randn(K, generator=gen)
+    acc = NCAccumulator(K)
+    acc.update(h, y)
+    w64, b64, eps = acc._classifier(w, b)
+    space = nc._rowspace(w64, eps)
+    sigma_w = nc._symmetric_from_upper(acc._scatter) / N
+    full = nc._Predictions.build(acc._counts, acc._means, w64, b64)
+    both = nc._Predictions.build(acc._counts, acc._means, w64, b64, space)
+
+    def heldout() -> None:
+        test_nc4 = HeldOutNC4(acc, w, b)
+        test_nc4.update(h_test)
+        test_nc4.compute()
+
+    threads = torch.get_num_threads()
+    print(
+        f"Row-space keys and nc4_test: N={N:,} train, N_test={N_TEST:,}, d={D}, K={K}, "
+        f"float32 features, fastest of {OVERHEAD_REPEATS} interleaved runs (the extra scores are "
+        f"a difference of two timings), load average {os.getloadavg()[0]:.1f}"
+    )
+    for n_threads in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        med = interleaved_medians({
+            "nc_metrics": lambda: nc_metrics(h, y, w, b),
+            "geometry": lambda: nc._rowspace_metrics(
+                acc._counts, acc._means, sigma_w, w64, nc._rowspace(w64, eps).basis
+            ),
+            "nc4 only": lambda: full.mismatches(h),
+            "nc4 + nc4_rowspace": lambda: both.mismatches(h),
+            "nc4_test": heldout,
+        }, repeats=OVERHEAD_REPEATS, stat=min)
+        wall = {name: m[0] for name, m in med.items()}
+        extra_rows = max(0.0, wall["nc4 + nc4_rowspace"] - wall["nc4 only"])
+        rowspace = wall["geometry"] + extra_rows
+        base = wall["nc_metrics"] - rowspace
+        print(
+            f"  {n_threads} thread(s): nc_metrics (all keys) {wall['nc_metrics']:.3f} s; "
+            f"row-space keys {rowspace:.4f} s (P_W and nc1/nc2_m/nc3_duality "
+            f"{wall['geometry']:.4f} s, nc4_rowspace's extra scores {extra_rows:.4f} s); "
+            f"nc4_test {wall['nc4_test']:.4f} s"
+        )
+        print(
+            f"  {n_threads} thread(s): share of the eval point's metrics without them "
+            f"({base:.3f} s): row-space {rowspace / base:.1%}, nc4_test "
+            f"{wall['nc4_test'] / base:.1%}, together {(rowspace + wall['nc4_test']) / base:.1%} "
+            f"(target <= 10%)"
+        )
     torch.set_num_threads(threads)
 
 
@@ -164,6 +225,9 @@ def memory() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory"]:
         streaming_memory(int(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--overhead"]:
+        overhead()
     else:
         speed()
+        overhead()
         memory()

@@ -8,10 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from ncsweep.nc import KEYS, NCAccumulator, nc_metrics
+from ncsweep import nc
+from ncsweep.heads import simplex_etf
+from ncsweep.nc import (
+    COMPUTE_KEYS,
+    HELDOUT_KEYS,
+    KEYS,
+    ROWSPACE_KEYS,
+    HeldOutNC4,
+    NCAccumulator,
+    nc_metrics,
+)
 
-COLLAPSE_KEYS = [k for k in KEYS if k not in ("w_norm_mean", "m_norm_mean")]
-SCALE_FREE_KEYS = [k for k in KEYS if k not in ("nc4_bias", "w_norm_mean", "m_norm_mean")]
+COLLAPSE_KEYS = [k for k in COMPUTE_KEYS if k not in ("w_norm_mean", "m_norm_mean", "nc2_of")]
+SCALE_FREE_KEYS = [
+    k for k in COMPUTE_KEYS if k not in ("nc4_bias", "w_norm_mean", "m_norm_mean")
+]
 
 
 def simplex_etf_means(k: int, d: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,8 +90,24 @@ def reference_metrics(h, y, w, b, k: int) -> dict[str, float]:
         "trace_ratio": np.trace(sigma_w) / np.trace(sigma_b),
         "w_norm_mean": norms(w).mean(),
         "m_norm_mean": norms(m).mean(),
+        "nc2_of": np.linalg.norm(mu @ mu.T / np.linalg.norm(mu @ mu.T) - np.eye(k) / np.sqrt(k)),
     }
     return {key: float(value) for key, value in out.items()}
+
+
+def rowspace_projector(w) -> np.ndarray:
+    """P_W = W^+ W in float64, by torch's pseudo-inverse."""
+    w64 = torch.as_tensor(np.asarray(w, dtype=np.float64))
+    return (torch.linalg.pinv(w64) @ w64).numpy()
+
+
+def full_reference(h, y, w, b, k: int) -> dict[str, float]:
+    """reference_metrics, plus each row-space key as its metric on the features h P_W."""
+    out = reference_metrics(h, y, w, b, k)
+    projected = reference_metrics(np.asarray(h, dtype=np.float64) @ rowspace_projector(w), y, w,
+                                  b, k)
+    return out | {f"{key}_rowspace": projected[key] for key in ("nc1", "nc2_m", "nc3_duality",
+                                                              "nc4")}
 
 
 def assert_close(got: dict, want: dict, keys, rtol: float, atol: float = 1e-12) -> None:
@@ -104,7 +132,9 @@ def test_simplex_etf_configuration_is_fully_collapsed(k, extra_dims):
     means = 3.0 * simplex_etf_means(k, d, rng)
     y = np.repeat(np.arange(k), 4)
     out = nc_metrics(torch.from_numpy(means[y]), torch.from_numpy(y), torch.from_numpy(2.5 * means))
-    assert set(out) == set(KEYS)
+    assert set(out) == set(COMPUTE_KEYS)
+    assert set(ROWSPACE_KEYS) < set(COMPUTE_KEYS) and set(KEYS) < set(COMPUTE_KEYS)
+    assert not set(HELDOUT_KEYS) & set(COMPUTE_KEYS)
     for key in COLLAPSE_KEYS:
         assert abs(out[key]) < 1e-10, (key, out[key])
     assert out["nc4"] == 0.0
@@ -130,15 +160,15 @@ def test_orthogonal_frame_classifier_nc2_w_by_hand():
 
 def test_random_features_match_two_pass_reference():
     h, y, w, b = random_problem()
-    want = reference_metrics(h, y, w, b, 5)
-    assert_close(nc_metrics(h, y, w, b), want, KEYS, rtol=1e-8)
-    assert_close(nc_metrics(h, y, w), reference_metrics(h, y, w, np.zeros(5), 5), KEYS, 1e-8)
+    want = full_reference(h, y, w, b, 5)
+    assert_close(nc_metrics(h, y, w, b), want, COMPUTE_KEYS, rtol=1e-8)
+    assert_close(nc_metrics(h, y, w), full_reference(h, y, w, np.zeros(5), 5), COMPUTE_KEYS, 1e-8)
 
 
 @pytest.mark.parametrize("d", [300, 530])
 def test_wide_features_match_reference(d):
     h, y, w, b = random_problem(n=400, d=d, k=6, seed=d)
-    assert_close(nc_metrics(h, y, w, b), reference_metrics(h, y, w, b, 6), KEYS, rtol=1e-8)
+    assert_close(nc_metrics(h, y, w, b), full_reference(h, y, w, b, 6), COMPUTE_KEYS, rtol=1e-8)
 
 
 def batches(n: int, rng: np.random.Generator, sizes=(1, 7, 40, 95)) -> list[np.ndarray]:
@@ -160,7 +190,7 @@ def test_streaming_equals_one_shot_with_kept_features():
     for idx in batches(len(y), np.random.default_rng(3)):
         acc.update(torch.from_numpy(h[idx]), torch.from_numpy(y[idx]))
     assert acc.memory_bytes()["kept_features"] > 0
-    assert_close(acc.compute(w, b), want, KEYS, rtol=1e-10)
+    assert_close(acc.compute(w, b), want, COMPUTE_KEYS, rtol=1e-10)
 
 
 def test_streaming_past_budget_needs_and_uses_second_pass():
@@ -175,7 +205,7 @@ def test_streaming_past_budget_needs_and_uses_second_pass():
         acc.compute(w, b)
     for idx in batches(len(y), rng):
         acc.update_predictions(h[idx], y[idx], w, b)
-    assert_close(acc.compute(w, b), want, KEYS, rtol=1e-10)
+    assert_close(acc.compute(w, b), want, COMPUTE_KEYS, rtol=1e-10)
     with pytest.raises(ValueError, match="different weight or bias"):
         acc.compute(w + 1.0, b)
     with pytest.raises(ValueError, match="finish pass 1"):
@@ -191,6 +221,8 @@ def test_second_pass_over_other_data_is_refused():
         acc.compute(w, b)
     with pytest.raises(ValueError, match="different weight or bias"):
         acc.update_predictions(h, y, 2 * w, b)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        acc.update_predictions(np.where(h > 2, np.nan, h), y, w, b)
 
 
 def test_nearly_collapsed_float32_streaming_nc1_is_accurate():
@@ -225,7 +257,8 @@ def test_nearly_collapsed_float32_streaming_nc1_is_accurate():
 def test_permuting_samples_changes_nothing():
     h, y, w, b = random_problem(seed=6)
     perm = np.random.default_rng(6).permutation(len(y))
-    assert_close(nc_metrics(h[perm], y[perm], w, b), nc_metrics(h, y, w, b), KEYS, rtol=1e-12)
+    got, want = nc_metrics(h[perm], y[perm], w, b), nc_metrics(h, y, w, b)
+    assert_close(got, want, COMPUTE_KEYS, rtol=1e-12)
 
 
 def test_scaling_features_and_weights_keeps_scale_free_keys():
@@ -275,7 +308,7 @@ def test_one_dimensional_features_give_finite_values(k):
     h, y, w, b = random_problem(n=60, d=1, k=k, seed=k)
     out = nc_metrics(h, y, w, b)
     assert all(math.isfinite(v) for v in out.values())
-    assert_close(out, reference_metrics(h, y, w, b, k), KEYS, rtol=1e-8)
+    assert_close(out, full_reference(h, y, w, b, k), COMPUTE_KEYS, rtol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -284,7 +317,7 @@ def test_low_precision_inputs_match_float64_of_same_numbers(dtype):
     h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
     got = nc_metrics(h, y, w, b)
     want = nc_metrics(h.double(), y, w.double(), b.double())
-    assert_close(got, want, KEYS, rtol=1e-12)
+    assert_close(got, want, COMPUTE_KEYS, rtol=1e-12)
 
 
 @pytest.mark.skipif(
@@ -296,12 +329,19 @@ def test_cuda_tensors_match_cpu():
     h, y, w, b = (torch.from_numpy(a) for a in random_problem(seed=9))
     want = nc_metrics(h.float(), y, w, b)
     got = nc_metrics(h.float().cuda(), y.cuda(), w.cuda(), b.cuda())
-    assert_close(got, want, KEYS, rtol=1e-9)
+    assert_close(got, want, COMPUTE_KEYS, rtol=1e-9)
     acc = NCAccumulator(5, max_feature_bytes=0)
     acc.update(h[:150].float().cuda(), y[:150].cuda())
     acc.update(h[150:].float().cuda(), y[150:].cuda())
     acc.update_predictions(h.float().cuda(), y.cuda(), w.cuda(), b.cuda())
-    assert_close(acc.compute(w.cuda(), b.cuda()), want, KEYS, rtol=1e-9)
+    assert_close(acc.compute(w.cuda(), b.cuda()), want, COMPUTE_KEYS, rtol=1e-9)
+    test_nc4 = HeldOutNC4(acc, w.cuda(), b.cuda())
+    test_nc4.update(2.0 * h.float().cuda())
+    cpu_acc = NCAccumulator(5)
+    cpu_acc.update(h.float(), y)
+    cpu_nc4 = HeldOutNC4(cpu_acc, w, b)
+    cpu_nc4.update(2.0 * h.float())
+    assert test_nc4.compute() == cpu_nc4.compute()
 
 
 def test_needs_second_pass_says_when_nc4_needs_update_predictions() -> None:
@@ -317,3 +357,184 @@ def test_needs_second_pass_says_when_nc4_needs_update_predictions() -> None:
     dropped.update_predictions(h, y, w)
     assert not dropped.needs_second_pass
     assert dropped.compute(w) == pytest.approx(kept.compute(w), rel=1e-12)
+
+
+def rank_deficient_problem(n=400, d=20, k=5, rank=4, seed=10):
+    """W = A B of the given rank; class means and much larger spread in W's null space too."""
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
+    w = rng.standard_normal((k, rank)) @ rng.standard_normal((rank, d))
+    basis = np.linalg.svd(w)[2]
+    row, null = basis[:rank].T, basis[rank:].T
+    h = (5.0 * rng.standard_normal((k, rank))[y] + 0.3 * rng.standard_normal((n, rank))) @ row.T
+    h += (2.0 * rng.standard_normal((k, d - rank))[y] + 10.0 * rng.standard_normal(
+        (n, d - rank))) @ null.T
+    return h, y, w, rng.standard_normal(k)
+
+
+def test_rowspace_keys_equal_full_keys_when_w_has_full_column_rank():
+    h, y, _, b = random_problem(d=6, k=6, seed=11)
+    learned = torch.nn.Linear(6, 6, dtype=torch.float64)
+    for w in (learned.weight.detach().numpy(), np.random.default_rng(11).standard_normal((6, 6))):
+        out = nc_metrics(h, y, w, b)
+        assert np.linalg.matrix_rank(rowspace_projector(w)) == 6
+        for key in ("nc1", "nc2_m", "nc3_duality", "nc4"):
+            assert out[f"{key}_rowspace"] == out[key], key
+        assert_close(out, full_reference(h, y, w, b, 6), ROWSPACE_KEYS, rtol=1e-10)
+
+
+def test_rowspace_keys_match_explicitly_projected_reference_for_rank_deficient_w():
+    h, y, w, b = rank_deficient_problem()
+    projector = rowspace_projector(w)
+    assert np.linalg.matrix_rank(projector) == 4
+    assert np.abs(projector @ projector - projector).max() < 1e-12
+    projected = reference_metrics(h @ projector, y, w, b, 5)
+    out = nc_metrics(h, y, w, b)
+    for key in ("nc1", "nc2_m", "nc3_duality", "nc4"):
+        assert out[f"{key}_rowspace"] == pytest.approx(projected[key], rel=1e-8, abs=1e-12), key
+    assert out["nc1"] > 10.0 * out["nc1_rowspace"] > 0.0
+    assert out["nc4"] != out["nc4_rowspace"]
+
+
+def test_ill_conditioned_w_scores_rowspace_centres_directly():
+    h, y, w, b = rank_deficient_problem(seed=17)
+    u, s, vh = np.linalg.svd(w, full_matrices=False)
+    s[3] = 1e-6 * s[0]
+    w = (u * s) @ vh
+    assert s[0] / s[3] > nc.ROWSPACE_COND_LIMIT
+    projected = reference_metrics(h @ rowspace_projector(w), y, w, b, 5)
+    out = nc_metrics(h, y, w, b)
+    for key in ("nc1", "nc2_m", "nc3_duality", "nc4"):
+        assert out[f"{key}_rowspace"] == pytest.approx(projected[key], rel=1e-8, abs=1e-12), key
+
+
+def test_rowspace_centre_scores_from_logits_and_direct_agree(monkeypatch):
+    h, y, w, b = rank_deficient_problem(seed=18)
+    from_logits = nc_metrics(h, y, w, b)
+    monkeypatch.setattr(nc, "ROWSPACE_COND_LIMIT", 0.0)
+    direct = nc_metrics(h, y, w, b)
+    assert 0.0 < from_logits["nc4_rowspace"] == direct["nc4_rowspace"] != direct["nc4"]
+
+
+def test_rowspace_keys_stream_the_same_with_kept_features_and_second_pass():
+    h, y, w, b = rank_deficient_problem(seed=12)
+    want = nc_metrics(h, y, w, b)
+    rng = np.random.default_rng(12)
+    kept, dropped = NCAccumulator(5), NCAccumulator(5, max_feature_bytes=1000)
+    for idx in batches(len(y), rng):
+        kept.update(h[idx].astype(np.float32).astype(np.float64), y[idx])
+        dropped.update(torch.from_numpy(h[idx]), torch.from_numpy(y[idx]))
+    assert dropped.needs_second_pass and not kept.needs_second_pass
+    for idx in batches(len(y), rng):
+        dropped.update_predictions(h[idx], y[idx], w, b)
+    assert_close(dropped.compute(w, b), want, COMPUTE_KEYS, rtol=1e-10)
+    got = kept.compute(w, b)
+    assert_close(got, want, ("nc4", "nc4_rowspace"), rtol=0.0, atol=2 / len(y))
+    assert_close(got, want, ROWSPACE_KEYS[:3], rtol=1e-5)
+
+
+def test_float32_etf_head_at_d_equal_k_has_rank_k_minus_one():
+    k = 5
+    w32 = simplex_etf(k, k, "random").numpy()
+    frame = simplex_etf(k, k, "random", dtype=torch.float64).numpy()
+    singular = np.linalg.svd(w32.astype(np.float64), compute_uv=False)
+    assert 1e-6 * singular[0] > singular[-1] > 1e-10 * singular[0]
+    null = np.linalg.svd(frame)[2][-1]
+    rng = np.random.default_rng(13)
+    y = np.repeat(np.arange(k), 30)
+    h = 3.0 * frame[y] + 5.0 * rng.standard_normal(len(y))[:, None] * null
+    out = nc_metrics(h, y, w32)
+    assert out["nc1"] > 0.1 and out["nc4"] > 0.0
+    assert out["nc1_rowspace"] < 1e-10
+    assert out["nc2_m_rowspace"] < 1e-7 and out["nc3_duality_rowspace"] < 1e-7
+    assert out["nc4_rowspace"] == 0.0
+    as_float64 = nc_metrics(h, y, w32.astype(np.float64))
+    assert as_float64["nc1_rowspace"] == as_float64["nc1"]
+
+
+def test_class_means_only_in_null_space_of_w_are_refused():
+    y = np.repeat(np.arange(3), 4)
+    h = np.zeros((12, 4))
+    h[:, 3] = y + 0.1 * np.arange(12)
+    h[:, 0] = np.arange(12) % 2
+    w = np.eye(4)[:3] + np.array([[0.0], [1.0], [2.0]]) * np.eye(4)[1]
+    assert np.abs(w @ (h[y == 1].mean(axis=0) - h[y == 0].mean(axis=0))).max() == 0.0
+    with pytest.raises(ValueError, match=r"W M\^T is zero"):
+        nc_metrics(h, y, w)
+
+
+def test_nc2_of_is_zero_for_one_hot_means_with_zero_mean_noise():
+    k, d = 6, 10
+    rng = np.random.default_rng(14)
+    y = np.repeat(np.arange(k), 50)
+    noise = 0.1 * rng.standard_normal((len(y), d))
+    for c in range(k):
+        noise[y == c] -= noise[y == c].mean(axis=0)
+    h = np.eye(k, d)[y] + noise
+    w = rng.standard_normal((k, d))
+    out = nc_metrics(h, y, w)
+    assert out["nc2_of"] < 1e-12
+    assert out["nc1"] > 1e-3
+    shifted = nc_metrics(h + np.ones(d), y, w)
+    assert shifted["nc2_m"] == pytest.approx(out["nc2_m"], abs=1e-12)
+    assert shifted["nc2_of"] > 0.1
+
+
+@pytest.mark.parametrize("k", [3, 4, 10])
+def test_nc2_of_of_simplex_etf_at_d_equal_k_minus_one(k):
+    means = 2.0 * simplex_etf_means(k, k - 1, np.random.default_rng(k))
+    y = np.repeat(np.arange(k), 3)
+    out = nc_metrics(means[y], y, means)
+    # G ∝ I - 11^T/K: <G/||G||, I/sqrt(K)> = (K-1)/sqrt((K-1) K), so ||.||^2 = 2 - 2 sqrt((K-1)/K)
+    closed_form = math.sqrt(2.0 - 2.0 * math.sqrt((k - 1) / k))
+    assert out["nc2_of"] == pytest.approx(closed_form, rel=1e-12)
+    assert out["nc2_m"] < 1e-12
+    assert (out["nc2_of"] > 0.5) == (k <= 4)
+
+
+def heldout_reference(h_train, y_train, h_test, w, b, k: int) -> float:
+    """Fraction of test samples whose argmax logit is not the nearest train class mean, by loops."""
+    mu = np.stack([h_train[y_train == c].mean(axis=0) for c in range(k)])
+    nearest = [np.argmin([np.linalg.norm(x - mu[c]) for c in range(k)]) for x in h_test]
+    predicted = [np.argmax(w @ x + b) for x in h_test]
+    return float(np.mean(np.array(nearest) != np.array(predicted)))
+
+
+def test_nc4_test_matches_direct_reference_streamed_over_batches():
+    h, y, w, b = random_problem(n=500, d=8, k=4, seed=15)
+    rng = np.random.default_rng(15)
+    h_test = 1.5 * rng.standard_normal((237, 8)) + h.mean(axis=0)
+    want = heldout_reference(h, y, h_test, w, b, 4)
+    assert 0.05 < want < 0.95
+    train = NCAccumulator(4, max_feature_bytes=0)
+    for idx in batches(len(y), rng):
+        train.update(h[idx], y[idx])
+    test_nc4 = HeldOutNC4(train, w, b)
+    for idx in np.array_split(np.arange(len(h_test)), [1, 50, 51, 200]):
+        test_nc4.update(torch.from_numpy(h_test[idx]))
+    assert test_nc4.compute() == pytest.approx(want, abs=1e-15)
+    one_shot = HeldOutNC4(train, torch.from_numpy(w).float(), torch.from_numpy(b).float())
+    one_shot.update(h_test.astype(np.float32))
+    want32 = heldout_reference(h, y, h_test.astype(np.float32).astype(np.float64),
+                               w.astype(np.float32), b.astype(np.float32), 4)
+    assert one_shot.compute() == pytest.approx(want32, abs=1e-15)
+    train_nc4 = HeldOutNC4(train, w, b)
+    train_nc4.update(h)
+    assert train_nc4.compute() == pytest.approx(nc_metrics(h, y, w, b)["nc4"], abs=1e-15)
+
+
+def test_nc4_test_refuses_bad_input():
+    h, y, w, b = random_problem(seed=16)
+    train = NCAccumulator(5)
+    with pytest.raises(ValueError, match="HeldOutNC4 needs data"):
+        HeldOutNC4(train, w, b)
+    train.update(h, y)
+    test_nc4 = HeldOutNC4(train, w, b)
+    with pytest.raises(ValueError, match="nc4_test needs data"):
+        test_nc4.compute()
+    with pytest.raises(ValueError, match="earlier batches had d=7"):
+        test_nc4.update(h[:, :6])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        test_nc4.update(np.where(h > 2, np.inf, h))
+    with pytest.raises(ValueError, match=r"\(5, 7\), got \(5, 6\)"):
+        HeldOutNC4(train, w[:, :6], b)

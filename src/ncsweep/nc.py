@@ -9,6 +9,26 @@ Keys from the reference table: ``nc1``, ``nc2_w``, ``nc2_m``, ``nc2_equinorm_w``
 - ``trace_ratio``: tr(Sigma_W) / tr(Sigma_B).
 - ``w_norm_mean``, ``m_norm_mean``: mean row norm of W and of M (scale, not collapse).
 
+Keys that see what the loss sees (section "Metrics that see what the loss sees"):
+
+- ``nc1_rowspace``, ``nc2_m_rowspace``, ``nc3_duality_rowspace``, ``nc4_rowspace``: the key
+  of the same name on h' = P_W h, P_W = W^+ W the orthogonal projector onto W's row space,
+  with class and global means, Sigma_W and Sigma_B recomputed from h'. Components of h in W's
+  null space never reach the loss. ``nc3`` and ``nc2_w`` need no variant (W P_W = W).
+- ``nc2_of``: || G / ||G|| - I_K / sqrt(K) ||, G = Mbar Mbar^T with Mbar = [mu_k] the
+  uncentred class means; 0 when the means form an orthogonal frame (one-hot means).
+- ``nc4_test``: ``nc4`` on held-out data, argmax_k (W h + b)_k against the nearest class
+  mean of the train set; from ``HeldOutNC4``, streamed over the test batches::
+
+      test_nc4 = HeldOutNC4(train_accumulator, weight, bias)  # after update() over train
+      for x, _ in test_batches: test_nc4.update(backbone(x))
+      row["nc4_test"] = test_nc4.compute()
+
+``KEYS`` are the keys of the first landing, ``ROWSPACE_KEYS`` the four row-space keys,
+``COMPUTE_KEYS`` everything ``compute`` and ``nc_metrics`` return (KEYS, ROWSPACE_KEYS,
+``nc2_of``), ``HELDOUT_KEYS`` = (``nc4_test``,). ``nc4_bias`` = ||W mu_G + b|| is not a
+collapse measure where the loss is blind to a shift b + t 1 (CE without a bias penalty).
+
 Conventions:
 
 - Biases never enter NC1-NC3; ``nc4`` uses the full prediction W h + b; b = 0 when bias is None.
@@ -36,8 +56,18 @@ Conventions:
   - 2 h.M_k, an N x K float64 product (rounding ~ eps ||h|| ||M_k||, far below the gaps
   ||M_k - M_l||^2 unless the features' offset dwarfs the spread of the means by ~1e10). Exact
   ties in the logits or the distances resolve to the lowest class index in both.
-- Undefined metrics (zero-norm W, a zero row, coinciding class means) raise ValueError
-  instead of returning NaN.
+- P_W = V_r V_r^T from the float64 SVD W = U S V^T, keeping the r singular values
+  s > s_max * max(max(K, d) eps64, sqrt(min(K, d)) eps_W): the float64 SVD's own rounding
+  (``torch.linalg.pinv``'s default) or the bound eps_W / 2 ||W|| of W's rounding to its own
+  dtype, whichever is larger, so a float32 simplex-ETF head at d = K has rank K-1. The
+  row-space keys are computed in the r coordinates V_r^T h (O(K d^2) for V_r^T Sigma_W V_r);
+  when r = d, P_W = I and they equal the full keys exactly. ``nc4_rowspace`` comes with
+  ``nc4`` (kept batches or ``update_predictions``): V_r^T h = S_r^-1 U_r^T (W h), so its
+  centre scores follow from the logits by a K x K product while s_1 / s_r <= 1e4
+  (``ROWSPACE_COND_LIMIT``, which bounds the precision this loses); past it, from K more rows
+  2 M P_W in nc4's N x K product.
+- Undefined metrics (zero-norm W, a zero row, coinciding class means, class means that
+  differ only in W's null space, where W M^T = 0) raise ValueError instead of returning NaN.
 """
 
 from __future__ import annotations
@@ -46,6 +76,7 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +87,7 @@ CHUNK_ELEMENTS = 2**22
 GRAM_STRIPS = 4
 GRAM_BLOCK = 128
 UNLIMITED_BYTES = 2**62
+ROWSPACE_COND_LIMIT = 1e4
 
 KEYS = (
     "nc1",
@@ -76,6 +108,9 @@ KEYS = (
     "w_norm_mean",
     "m_norm_mean",
 )
+ROWSPACE_KEYS = ("nc1_rowspace", "nc2_m_rowspace", "nc3_duality_rowspace", "nc4_rowspace")
+COMPUTE_KEYS = (*KEYS, *ROWSPACE_KEYS, "nc2_of")
+HELDOUT_KEYS = ("nc4_test",)
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -100,12 +135,79 @@ def nc_metrics(
     return acc.compute(w, bias)
 
 
+class _RowSpace(NamedTuple):
+    """W's row space: basis V_r (d x r) and coords = S_r^-1 U_r^T, with V_r^T h = coords W h."""
+
+    basis: torch.Tensor
+    coords: torch.Tensor
+    condition: float
+
+
+@dataclass(frozen=True)
+class _Predictions:
+    """Logits and nearest-centre scores of one classifier in one product [W; 2M] h + offsets.
+
+    With a row space, the nearest centre of P_W h is scored too: from the logits as
+    2 (M V_r) coords (W h), which amplifies rounding by s_1 / s_r, while that ratio is at most
+    ROWSPACE_COND_LIMIT; past it, by K more rows 2 M P_W in the product.
+    """
+
+    proj: torch.Tensor
+    offsets: torch.Tensor
+    bias: torch.Tensor
+    from_logits: torch.Tensor | None
+    from_logits_offsets: torch.Tensor | None
+
+    @classmethod
+    def build(
+        cls, counts: torch.Tensor, means: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+        space: _RowSpace | None = None,
+    ) -> _Predictions:
+        """nc4's centres M and, when given W's row space, nc4_rowspace's centres M P_W."""
+        mu_g, m = _centred_means(counts, means)
+        sets = [m]
+        from_logits = from_logits_offsets = None
+        if space is not None:
+            m_r = m @ space.basis
+            offset_r = -m_r.square().sum(dim=1) - 2.0 * (m_r @ (space.basis.T @ mu_g))
+            if space.condition <= ROWSPACE_COND_LIMIT:
+                from_logits, from_logits_offsets = 2.0 * m_r @ space.coords, offset_r[:, None]
+            else:
+                sets.append(m_r @ space.basis.T)
+        proj = torch.cat([w, *(2.0 * c for c in sets)])
+        zero = torch.zeros_like(b)
+        offsets = torch.cat([zero, *(-c.square().sum(dim=1) - 2.0 * (c @ mu_g) for c in sets)])
+        return cls(proj, offsets[:, None], b[:, None], from_logits, from_logits_offsets)
+
+    def mismatches(self, feats: torch.Tensor) -> torch.Tensor:
+        """Per centre set (M, then M P_W), the samples whose argmax W h + b is not the nearest."""
+        k = self.bias.shape[0]
+        groups = self.proj.shape[0] // k
+        count = torch.zeros(groups - 1 + (self.from_logits is not None), dtype=torch.int64,
+                            device=self.proj.device)
+        finite = torch.ones((), dtype=torch.bool, device=self.proj.device)
+        for _, x in _float64_chunks(feats):
+            scores = torch.addmm(self.offsets, self.proj, x.T).view(groups, k, -1)
+            finite &= torch.isfinite(scores).all()
+            predicted = (scores[0] + self.bias).argmax(dim=0)
+            nearest = [scores[1:].argmax(dim=1)]
+            if self.from_logits is not None:
+                rowspace = torch.addmm(self.from_logits_offsets, self.from_logits, scores[0])
+                nearest.append(rowspace.argmax(dim=0)[None])
+            count += (torch.cat(nearest) != predicted).sum(dim=1)
+        if not bool(finite):
+            raise ValueError("features contain NaN or inf")
+        return count
+
+
 @dataclass
 class _Pass2:
-    """Running nc4 disagreement count of update_predictions, tied to one classifier."""
+    """Running nc4 and nc4_rowspace disagreement counts of update_predictions, one classifier."""
 
     weight: torch.Tensor
     bias: torch.Tensor
+    space: _RowSpace | None
+    predictions: _Predictions
     mismatches: torch.Tensor
     counts: torch.Tensor
 
@@ -136,30 +238,40 @@ class NCAccumulator:
         weight: ArrayLike,
         bias: ArrayLike | None = None,
     ) -> None:
-        """Add one batch to pass 2: nc4 disagreements against the final pass-1 class means."""
+        """Add one batch to pass 2: nc4 and nc4_rowspace disagreements, final pass-1 means."""
         self._require_data("update_predictions")
         self._require_all_classes()
         feats, labs = self._batch(features, labels)
-        w, b = self._classifier(weight, bias)
+        w, b, weight_eps = self._classifier(weight, bias)
         if self._pass2 is None:
-            zero = torch.zeros((), dtype=torch.int64, device=self._means.device)
-            self._pass2 = _Pass2(w, b, zero, torch.zeros_like(self._counts))
+            space = _rowspace(w, weight_eps)
+            predictions = _Predictions.build(self._counts, self._means, w, b, space)
+            zero = torch.zeros(1 + (space is not None), dtype=torch.int64, device=w.device)
+            self._pass2 = _Pass2(w, b, space, predictions, zero, torch.zeros_like(self._counts))
         elif not (torch.equal(w, self._pass2.weight) and torch.equal(b, self._pass2.bias)):
             raise ValueError(
                 "update_predictions got a different weight or bias than in its earlier calls; "
                 "use one classifier for the whole second pass"
             )
-        self._pass2.mismatches += self._mismatches(feats, w, b)
+        self._pass2.mismatches += self._pass2.predictions.mismatches(feats)
         self._pass2.counts += torch.bincount(labs, minlength=self.num_classes).to(F64)
 
     def compute(self, weight: ArrayLike, bias: ArrayLike | None = None) -> dict[str, float]:
-        """Every NC metric for classifier (weight, bias) from the accumulated data."""
+        """Every metric of COMPUTE_KEYS for classifier (weight, bias) from the accumulated data."""
         self._require_data("compute")
         self._require_all_classes()
-        w, b = self._classifier(weight, bias)
-        values = _geometry_metrics(self._counts, self._means, self._sq_dev, self._scatter, w, b)
-        values["nc4"] = self._nc4(w, b)
-        return dict(zip(KEYS, torch.stack([values[k] for k in KEYS]).cpu().tolist(), strict=True))
+        w, b, weight_eps = self._classifier(weight, bias)
+        sigma_w = _symmetric_from_upper(self._scatter) / self._counts.sum()
+        values = _geometry_metrics(self._counts, self._means, self._sq_dev, sigma_w, w, b)
+        space = self._pass2.space if self._pass2 is not None else _rowspace(w, weight_eps)
+        if space is None:
+            values |= {f"{key}_rowspace": values[key] for key in ("nc1", "nc2_m", "nc3_duality")}
+        else:
+            values |= _rowspace_metrics(self._counts, self._means, sigma_w, w, space.basis)
+        values["nc2_of"] = _orthogonal_frame_distance(self._means)
+        values["nc4"], values["nc4_rowspace"] = self._nc4(w, b, space)
+        stacked = torch.stack([values[k] for k in COMPUTE_KEYS]).cpu().tolist()
+        return dict(zip(COMPUTE_KEYS, stacked, strict=True))
 
     @property
     def needs_second_pass(self) -> bool:
@@ -187,16 +299,7 @@ class NCAccumulator:
 
     def _batch(self, features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated (features, int64 labels) on the state's device."""
-        device = None if self._means is None else self._means.device
-        feats = _as_tensor(features, device)
-        _check_matrix(feats, "features", "(N, d)")
-        if feats.dtype == torch.bool or feats.is_complex():
-            raise ValueError(f"features must be real numbers, got dtype {feats.dtype}")
-        if self._means is not None and feats.shape[1] != self._means.shape[1]:
-            raise ValueError(
-                f"features have shape {tuple(feats.shape)} but earlier batches had "
-                f"d={self._means.shape[1]}"
-            )
+        feats = _features(features, self._means)
         labs = _as_tensor(labels, feats.device)
         _check_labels(labs, feats.shape, self.num_classes)
         return feats, labs.long()
@@ -246,20 +349,24 @@ class NCAccumulator:
 
     def _classifier(
         self, weight: ArrayLike, bias: ArrayLike | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validated float64 (W, b) on the state's device; b = 0 when bias is None."""
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Validated float64 (W, b) on the state's device (b = 0 for None), eps of W's dtype."""
         device = self._means.device
         w = _as_tensor(weight, device)
         b = None if bias is None else _as_tensor(bias, device)
         _check_matrix(w, "weight", "(num_classes, d)")
         _check_classifier_shapes(w, b, self.num_classes, self._means.shape[1])
+        weight_eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else EPS
         w = w.to(F64)
         b = torch.zeros(self.num_classes, dtype=F64, device=device) if b is None else b.to(F64)
         if not bool(torch.isfinite(w).all() & torch.isfinite(b).all()):
             raise ValueError("weight or bias contains NaN or inf")
-        return w, b
+        return w, b, weight_eps
 
-    def _nc4(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _nc4(
+        self, w: torch.Tensor, b: torch.Tensor, space: _RowSpace | None
+    ) -> torch.Tensor:
+        """(nc4, nc4_rowspace) from the second pass or the kept batches."""
         total = self._counts.sum()
         if self._pass2 is not None:
             if not torch.equal(w, self._pass2.weight) or not torch.equal(b, self._pass2.bias):
@@ -272,27 +379,16 @@ class NCAccumulator:
                     "update_predictions saw class counts different from update's; "
                     "run the second pass over exactly the data of the first"
                 )
-            return self._pass2.mismatches.to(F64) / total
+            return self._pass2.mismatches.expand(2).to(F64) / total
         if self._kept is None:
             raise ValueError(
                 f"nc4 needs a second pass: the features exceeded max_feature_bytes="
                 f"{self.max_feature_bytes} and were not kept; call update_predictions(features, "
                 f"labels, weight, bias) over the same data before compute"
             )
-        mismatches = sum(self._mismatches(f, w, b) for f, _ in self._kept)
-        return mismatches.to(F64) / total
-
-    def _mismatches(self, feats: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Samples whose argmax of W h + b differs from their nearest class mean."""
-        k = self.num_classes
-        mu_g, m = _centred_means(self._counts, self._means)
-        proj = torch.cat([w, 2.0 * m])
-        offsets = torch.cat([b, -m.square().sum(dim=1) - 2.0 * (m @ mu_g)])[:, None]
-        count = torch.zeros((), dtype=torch.int64, device=w.device)
-        for _, x in _float64_chunks(feats):
-            scores = torch.addmm(offsets, proj, x.T)
-            count += (scores[:k].argmax(dim=0) != scores[k:].argmax(dim=0)).sum()
-        return count
+        predictions = _Predictions.build(self._counts, self._means, w, b, space)
+        mismatches = sum(predictions.mismatches(f) for f, _ in self._kept)
+        return mismatches.expand(2).to(F64) / total
 
     def _require_data(self, caller: str) -> None:
         if self._means is None:
@@ -307,18 +403,43 @@ class NCAccumulator:
             )
 
 
+class HeldOutNC4:
+    """nc4_test: argmax of W h + b on held-out features against the nearest train class mean."""
+
+    def __init__(
+        self, train: NCAccumulator, weight: ArrayLike, bias: ArrayLike | None = None
+    ) -> None:
+        train._require_data("HeldOutNC4")
+        train._require_all_classes()
+        w, b, _ = train._classifier(weight, bias)
+        self._like = train._means.new_empty((0, train._means.shape[1]))
+        self._predictions = _Predictions.build(train._counts, train._means, w, b)
+        self._mismatches = torch.zeros(1, dtype=torch.int64, device=w.device)
+        self._samples = 0
+
+    def update(self, features: ArrayLike) -> None:
+        """Add a batch of held-out features (N, d), any size or dtype; labels are not needed."""
+        feats = _features(features, self._like)
+        self._mismatches += self._predictions.mismatches(feats)
+        self._samples += feats.shape[0]
+
+    def compute(self) -> float:
+        """The fraction of held-out samples seen so far where the two predictions differ."""
+        if self._samples == 0:
+            raise ValueError("nc4_test needs data: call update with at least one sample first")
+        return float(self._mismatches[0]) / self._samples
+
+
 def _geometry_metrics(
     counts: torch.Tensor,
     means: torch.Tensor,
     sq_dev: torch.Tensor,
-    scatter: torch.Tensor,
+    sigma_w: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """NC1-NC3, nc4_bias and the extra keys from the accumulated float64 state."""
-    n_total = counts.sum()
     mu_g, m = _centred_means(counts, means)
-    sigma_w = _symmetric_from_upper(scatter) / n_total
     trace_b = m.square().sum() / m.shape[0]
     if float(trace_b) == 0.0:
         raise ValueError("all class means coincide: Sigma_B is zero, so nc1 is undefined")
@@ -344,6 +465,37 @@ def _geometry_metrics(
     }
 
 
+def _rowspace(w: torch.Tensor, weight_eps: float) -> _RowSpace | None:
+    """W's row space from its SVD, P_W = V_r V_r^T; None when r = d (P_W = I)."""
+    k, d = w.shape
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    rtol = max(max(k, d) * EPS, math.sqrt(min(k, d)) * weight_eps)
+    rank = int((s > s[0] * rtol).sum())
+    if rank == d:
+        return None
+    s_r = s[:rank]
+    condition = float(s_r[0] / s_r[-1]) if rank else math.inf
+    return _RowSpace(vh[:rank].T, u[:, :rank].T / s_r[:, None], condition)
+
+
+def _rowspace_metrics(
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    sigma_w: torch.Tensor,
+    w: torch.Tensor,
+    basis: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """nc1, nc2_m, nc3_duality of P_W h, in the coordinates V_r^T h of W's row space."""
+    k, d = means.shape
+    m_r = _centred_means(counts, means)[1] @ basis
+    m_p = m_r @ basis.T
+    return {
+        "nc1_rowspace": _nc1(m_r, counts, basis.T @ sigma_w @ basis, cutoff_dim=max(d, k)),
+        "nc2_m_rowspace": _etf_distance(m_r @ m_r.T, "M P_W (M P_W)^T"),
+        "nc3_duality_rowspace": (w / w.norm() - m_p / m_p.norm()).square().sum(),
+    }
+
+
 def _centred_means(counts: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-weighted global mean mu_G and M = [mu_k - mu_G], re-centred once for accuracy."""
     n_total = counts.sum()
@@ -353,9 +505,16 @@ def _centred_means(counts: torch.Tensor, means: torch.Tensor) -> tuple[torch.Ten
     return mu_g + correction, m - correction
 
 
-def _nc1(m: torch.Tensor, counts: torch.Tensor, sigma_w: torch.Tensor) -> torch.Tensor:
-    """tr(Sigma_W Sigma_B^+) / K through the SVD of M restricted to the complement of counts."""
+def _nc1(
+    m: torch.Tensor, counts: torch.Tensor, sigma_w: torch.Tensor, cutoff_dim: int | None = None
+) -> torch.Tensor:
+    """tr(Sigma_W Sigma_B^+) / K through the SVD of M restricted to the complement of counts.
+
+    The pseudo-inverse drops eigenvalues at or below max(cutoff_dim, K) eps times the largest;
+    cutoff_dim defaults to M's width d.
+    """
     k, d = m.shape
+    d = d if cutoff_dim is None else cutoff_dim
     q = torch.linalg.qr(counts[:, None], mode="complete").Q[:, 1:]
     s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)[1:]
     eig = s.square() / k
@@ -373,10 +532,24 @@ def _simplex_etf(k: int, like: torch.Tensor) -> torch.Tensor:
 
 def _etf_distance(gram: torch.Tensor, name: str) -> torch.Tensor:
     """|| G / ||G|| - E ||, the distance of a normalised K x K product from the simplex ETF."""
+    return _normalised_distance(gram, _simplex_etf(gram.shape[0], gram), name, "simplex ETF")
+
+
+def _normalised_distance(
+    gram: torch.Tensor, target: torch.Tensor, name: str, target_name: str
+) -> torch.Tensor:
+    """|| G / ||G|| - T || for a unit-norm target Gram matrix T, refusing G = 0."""
     norm = torch.linalg.matrix_norm(gram)
     if float(norm) == 0.0:
-        raise ValueError(f"{name} is zero, so its distance to the simplex ETF is undefined")
-    return torch.linalg.matrix_norm(gram / norm - _simplex_etf(gram.shape[0], gram))
+        raise ValueError(f"{name} is zero, so its distance to the {target_name} is undefined")
+    return torch.linalg.matrix_norm(gram / norm - target)
+
+
+def _orthogonal_frame_distance(means: torch.Tensor) -> torch.Tensor:
+    """nc2_of: || G / ||G|| - I / sqrt(K) || for G the Gram of the uncentred class means."""
+    k = means.shape[0]
+    eye = torch.eye(k, dtype=F64, device=means.device) / math.sqrt(k)
+    return _normalised_distance(means @ means.T, eye, "the Gram of the class means", "I_K")
 
 
 def _row_norms(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -417,6 +590,19 @@ def _as_tensor(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor
     is_tensor = isinstance(x, torch.Tensor)
     t = x.detach() if is_tensor else torch.from_numpy(np.ascontiguousarray(x))
     return t if device is None else t.to(device)
+
+
+def _features(features: ArrayLike, like: torch.Tensor | None) -> torch.Tensor:
+    """Validated real (N, d) features on the device and of the width d of `like`, if given."""
+    feats = _as_tensor(features, None if like is None else like.device)
+    _check_matrix(feats, "features", "(N, d)")
+    if feats.dtype == torch.bool or feats.is_complex():
+        raise ValueError(f"features must be real numbers, got dtype {feats.dtype}")
+    if like is not None and feats.shape[1] != like.shape[1]:
+        raise ValueError(
+            f"features have shape {tuple(feats.shape)} but earlier batches had d={like.shape[1]}"
+        )
+    return feats
 
 
 def _check_classes(k: int) -> None:
