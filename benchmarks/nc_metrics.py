@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ncsweep import nc
-from ncsweep.nc import HeldOutNC4, NCAccumulator, nc_metrics
+from ncsweep.nc import HeldOutNC4, NCAccumulator, accumulator, geometry, nc_metrics, tensors
 
 N, D, K = 50_000, 512, 10
 N_TEST = 10_000
@@ -113,10 +112,10 @@ def overhead() -> None:
     acc = NCAccumulator(K)
     acc.update(h, y)
     w64, b64, eps = acc._classifier(w, b)
-    space = nc._rowspace(w64, eps)
-    sigma_w = nc._symmetric_from_upper(acc._scatter) / N
-    full = nc._Predictions.build(acc._counts, acc._means, w64, b64)
-    both = nc._Predictions.build(acc._counts, acc._means, w64, b64, space)
+    space = geometry._rowspace(w64, eps)
+    sigma_w = tensors._symmetric_from_upper(acc._scatter) / N
+    full = accumulator._Predictions.build(acc._counts, acc._means, w64, b64)
+    both = accumulator._Predictions.build(acc._counts, acc._means, w64, b64, space)
 
     def heldout() -> None:
         test_nc4 = HeldOutNC4(acc, w, b)
@@ -133,8 +132,8 @@ def overhead() -> None:
         torch.set_num_threads(n_threads)
         med = interleaved_medians({
             "nc_metrics": lambda: nc_metrics(h, y, w, b),
-            "geometry": lambda: nc._rowspace_metrics(
-                acc._counts, acc._means, sigma_w, w64, nc._rowspace(w64, eps).basis
+            "geometry": lambda: geometry._rowspace_metrics(
+                acc._counts, acc._means, sigma_w, w64, geometry._rowspace(w64, eps).basis
             ),
             "nc4 only": lambda: full.mismatches(h),
             "nc4 + nc4_rowspace": lambda: both.mismatches(h),

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ncsweep.nc import KEYS
+from ncsweep.nc import COMPUTE_KEYS, HELDOUT_KEYS
 from ncsweep.tracking import RunFolder
 from tests.conftest import FAST
 
@@ -15,7 +15,7 @@ SHORT = [*FAST, "trainer.epochs=4", "trainer.eval_every=2", "arch.width=64"]
 SUMMARY_KEYS = {
     "status", "dataset", "arch", "loss", "head", "feature_dim", "num_classes", "optim",
     "seed", "epochs", "train_acc", "test_acc", "train_loss", "params_total", "params_trainable",
-    "peak_memory_bytes", "peak_memory_kind", "wall_time_s", *KEYS,
+    "peak_memory_bytes", "peak_memory_kind", "wall_time_s", *COMPUTE_KEYS, *HELDOUT_KEYS,
 }
 
 
@@ -33,7 +33,11 @@ def test_short_training_writes_a_complete_run(job_runner, loss: str, head: str, 
     assert frozen == (10 * summary["feature_dim"] if head == "etf" else 0)
     rows = RunFolder(out).read_metrics()
     assert [r["epoch"] for r in rows] == [0, 2, 4]
-    assert all(set(KEYS) <= r.keys() for r in rows)
+    assert all(set(COMPUTE_KEYS) | set(HELDOUT_KEYS) <= r.keys() for r in rows)
+    if head == "learned" and dim == "K":  # W has full column rank: P_W = I
+        for key in ("nc1", "nc2_m", "nc3_duality", "nc4"):
+            assert summary[f"{key}_rowspace"] == summary[key]
+    assert 0.0 <= summary["nc4_test"] <= 1.0
     assert rows[-1]["nc1"] == pytest.approx(summary["nc1"])
     assert rows[-1]["nc1"] < rows[0]["nc1"]
     assert json.loads((out / "config.json").read_text())["feature_dim"] == summary["feature_dim"]
@@ -109,3 +113,18 @@ def test_a_config_error_leaves_a_finished_run_alone(job_runner, tmp_path) -> Non
         job_runner([*SHORT, "trainer.device=tpu"], folder="kept")
     folder = RunFolder(out)
     assert folder.status == "done" and folder.read_summary() == done
+
+
+@pytest.mark.parametrize("embedding", ["coordinate", "random"])
+def test_the_default_etf_collapses_at_d_equals_k_where_a_rotated_one_does_not(
+        job_runner, embedding: str) -> None:
+    """The digits MLP's post-ReLU features, 20 epochs: measured 0.04 / 0.02 (coordinate, the
+    default) against 0.53 / 0.60 (random) for nc2_m / nc3; row space and full agree here."""
+    extra = [] if embedding == "coordinate" else ["head.embedding=random"]
+    _, summary = job_runner([*FAST, "head=etf", "dim=K", "trainer.epochs=20",
+                             "trainer.eval_every=20", *extra])
+    assert summary["embedding"] == embedding and summary["train_acc"] > 0.99
+    if embedding == "coordinate":
+        assert summary["nc2_m"] < 0.1 and summary["nc3"] < 0.1
+    else:
+        assert summary["nc2_m"] > 0.3 and summary["nc3"] > 0.3

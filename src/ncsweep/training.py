@@ -27,7 +27,7 @@ from ncsweep.memory import (
     reset_peak,
     training_step_memory,
 )
-from ncsweep.nc import NCAccumulator
+from ncsweep.nc import HeldOutNC4, NCAccumulator
 
 Row = dict[str, float]
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_size: int,
              max_feature_bytes: int) -> Row:
-    """Train/test loss and accuracy, and the NC metrics of the train set's features."""
+    """Train/test loss and accuracy, the NC metrics of the train features, and ``nc4_test``."""
     was_training = model.training
     model.eval()
     accumulator = NCAccumulator(data.num_classes, max_feature_bytes=max_feature_bytes)
@@ -114,19 +114,25 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_
             accumulator.update_predictions(model.backbone(x), y, weight, bias)
     row.update(accumulator.compute(weight, bias))
     if data.test is not None:
-        row.update(_split_metrics(model, loss_fn, data.test, eval_batch_size, "test"))
+        heldout = HeldOutNC4(accumulator, weight, bias)
+        row.update(_split_metrics(model, loss_fn, data.test, eval_batch_size, "test",
+                                  heldout=heldout))
+        row["nc4_test"] = heldout.compute()
     model.train(was_training)
     return row
 
 
 def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batch_size: int,
-                   prefix: str, accumulator: NCAccumulator | None = None) -> Row:
+                   prefix: str, accumulator: NCAccumulator | None = None,
+                   heldout: HeldOutNC4 | None = None) -> Row:
     loss_sum = torch.zeros((), dtype=torch.float64, device=split.labels.device)
     correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
     for x, y in batches(split, eval_batch_size):
         features, logits = model.features_and_logits(x)
         if accumulator is not None:
             accumulator.update(features, y)
+        if heldout is not None:
+            heldout.update(features)
         loss_sum += loss_fn(logits, y).double() * y.numel()
         correct += (logits.argmax(dim=1) == y).sum()
     n = len(split)

@@ -1,0 +1,109 @@
+"""Tensor plumbing of the NC metrics: input checks, float64 chunks, the block-upper Gram."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+F64 = torch.float64
+EPS = float(np.finfo(np.float64).eps)
+CHUNK_ELEMENTS = 2**22
+GRAM_STRIPS = 4
+GRAM_BLOCK = 128
+UNLIMITED_BYTES = 2**62
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _as_tensor(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
+    """Detached tensor view of a tensor or numpy array, on `device` when given."""
+    is_tensor = isinstance(x, torch.Tensor)
+    t = x.detach() if is_tensor else torch.from_numpy(np.ascontiguousarray(x))
+    return t if device is None else t.to(device)
+
+
+def _features(features: ArrayLike, like: torch.Tensor | None) -> torch.Tensor:
+    """Validated real (N, d) features on the device and of the width d of `like`, if given."""
+    feats = _as_tensor(features, None if like is None else like.device)
+    _check_matrix(feats, "features", "(N, d)")
+    if feats.dtype == torch.bool or feats.is_complex():
+        raise ValueError(f"features must be real numbers, got dtype {feats.dtype}")
+    if like is not None and feats.shape[1] != like.shape[1]:
+        raise ValueError(
+            f"features have shape {tuple(feats.shape)} but earlier batches had d={like.shape[1]}"
+        )
+    return feats
+
+
+def _check_classes(k: int) -> None:
+    if int(k) < 2:
+        raise ValueError(f"NC metrics need at least 2 classes, got num_classes={k}")
+
+
+def _check_matrix(x: torch.Tensor, name: str, expected: str) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D {expected}, got shape {tuple(x.shape)}")
+
+
+def _check_labels(labels: torch.Tensor, feature_shape: torch.Size, k: int) -> None:
+    n = feature_shape[0]
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"labels must have shape ({n},) to match features of shape {tuple(feature_shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if n == 0:
+        return
+    low, high = torch.stack(torch.aminmax(labels.long())).tolist()
+    if low < 0 or high >= k:
+        raise ValueError(
+            f"labels must lie in [0, {k}) for num_classes={k}, got values in [{low}, {high}]"
+        )
+
+
+def _check_classifier_shapes(w: torch.Tensor, b: torch.Tensor | None, k: int, d: int) -> None:
+    if tuple(w.shape) != (k, d):
+        raise ValueError(
+            f"weight must have shape (num_classes, d) = ({k}, {d}), got {tuple(w.shape)}"
+        )
+    if b is not None and tuple(b.shape) != (k,):
+        raise ValueError(f"bias must have shape (num_classes,) = ({k},), got {tuple(b.shape)}")
+
+
+def _gram_edges(d: int) -> list[int]:
+    """Column blocks of width >= GRAM_BLOCK for the upper block strips of a Gram matrix."""
+    blocks = max(1, min(GRAM_STRIPS, d // GRAM_BLOCK))
+    return [round(i * d / blocks) for i in range(blocks + 1)]
+
+
+def _add_gram_upper(scatter: torch.Tensor, x: torch.Tensor) -> None:
+    """Add the block-upper part of x^T x to scatter: symmetry saves up to ~3/8 of the flops."""
+    edges = _gram_edges(x.shape[1])
+    for lo, hi in itertools.pairwise(edges):
+        scatter[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
+
+
+def _symmetric_from_upper(scatter: torch.Tensor) -> torch.Tensor:
+    """Full symmetric matrix from one whose block-upper part (see _gram_edges) is complete."""
+    d = scatter.shape[0]
+    edges = torch.tensor(_gram_edges(d)[1:-1], dtype=torch.int64, device=scatter.device)
+    block = torch.bucketize(torch.arange(d, device=scatter.device), edges, right=True)
+    upper = torch.where(block[:, None] > block[None, :], scatter.T, scatter)
+    return (upper + upper.T) / 2.0
+
+
+def _float64_chunks(feats: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Row chunks of feats copied to float64 in one reused buffer of at most CHUNK_ELEMENTS."""
+    n, d = feats.shape
+    step = max(1, CHUNK_ELEMENTS // max(d, 1))
+    buffer = torch.empty((min(step, n), d), dtype=F64, device=feats.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        x = buffer[: rows.stop - start]
+        x.copy_(feats[rows])
+        yield rows, x
