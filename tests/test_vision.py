@@ -19,8 +19,7 @@ from hydra.utils import instantiate
 
 from ncsweep import data as D
 from ncsweep.config import ConfigError, validate
-from ncsweep.console import setup_logging
-from ncsweep.models import MLP, ResNet, WeightsNotFound, load_matching_weights
+from ncsweep.models import MLP, ResNet, WeightsNotFound
 from ncsweep.training import count_parameters
 from tests.conftest import CONF, FAST, compose_cfg, run_cli
 
@@ -204,25 +203,30 @@ def test_image_backbones_reject_flat_inputs() -> None:
         ResNet((64,), 10)
 
 
-def test_pretrained_weights_load_where_shapes_match(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_pretrained_weights_load_strictly_or_where_shapes_match(tmp_path: Path,
+                                                                monkeypatch) -> None:
     import torchvision
 
-    setup_logging()
     torch.manual_seed(1)
     source = torchvision.models.resnet18(num_classes=1000)
     hub = tmp_path / "hub"
     (hub / "checkpoints").mkdir(parents=True)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    name = "ResNet18_Weights.IMAGENET1K_V1"
     with pytest.raises(WeightsNotFound, match=r"resnet18-f37072fd\.pth; ncsweep never downloads"):
-        ResNet((3, 32, 32), 10, weights="ResNet18_Weights.IMAGENET1K_V1")
+        ResNet((3, 32, 32), 10, weights=name)
     torch.save(source.state_dict(), hub / "checkpoints" / "resnet18-f37072fd.pth")
-    net = ResNet((3, 32, 32), 10, weights="ResNet18_Weights.IMAGENET1K_V1",
+    # d = 10 narrows the last block: a strict load is refused, naming what matched
+    with pytest.raises(ConfigError, match=r"arch.weights='ResNet18_Weights.IMAGENET1K_V1' is "
+                       r"not allowed: .* 115 of 126 tensors match \(shape differs: layer4.1.bn2"):
+        ResNet((3, 32, 32), 10, weights=name)
+    net = ResNet((3, 32, 32), 10, weights=name, weights_strict=False,
                  freeze="all_but_last_block")
-    note = capsys.readouterr().out
-    assert "skipped (shape differs): layer4.1.bn2" in note and "fc.bias, fc.weight" in note
-    report = net.weights_report
-    assert "layer4.1.conv2.weight" in report["skipped_shape"]
-    assert "layer4.1.downsample.0.weight" in report["kept_init"]
+    record = net.transfer_record
+    assert record["weights_loaded"] == 115 and record["freeze"] == "all_but_last_block"
+    assert "layer4.1.conv2.weight" in record["weights_reshaped"]
+    assert "layer4.1.downsample.0.weight" in record["weights_missing"]
+    assert record["weights_unexpected"] == ["fc.bias", "fc.weight"]
     torch.testing.assert_close(net.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("layer4.1.") for n in trainable)
@@ -230,12 +234,12 @@ def test_pretrained_weights_load_where_shapes_match(tmp_path: Path, monkeypatch,
     assert not net.bn1.training and net.layer4[1].bn2.training  # frozen BN keeps its stats
     with pytest.raises(WeightsNotFound, match="no such file"):
         ResNet((3, 32, 32), 10, weights=str(tmp_path / "nothing.pth"))
-    # a plain path, and ncsweep's own checkpoint layout (backbone. prefixes)
-    torch.save({"model": {f"backbone.{k}": v for k, v in net.state_dict().items()}},
-               tmp_path / "ckpt.pt")
+    # ncsweep's own checkpoint layout (backbone. and head. prefixes) loads strictly
+    torch.save({"model": {**{f"backbone.{k}": v for k, v in net.state_dict().items()},
+                          "head.weight": torch.zeros(10, 10)}}, tmp_path / "ckpt.pt")
     again = ResNet((3, 32, 32), 10, weights=str(tmp_path / "ckpt.pt"))
     torch.testing.assert_close(again.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
-    assert load_matching_weights(again, str(tmp_path / "ckpt.pt"))["skipped_shape"] == []
+    assert again.transfer_record["weights_loaded"] == len(again.state_dict())
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

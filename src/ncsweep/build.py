@@ -33,7 +33,8 @@ class Run:
         total, trainable = count_parameters(self.model)
         info = dict(self.data.info) if self.data is not None else {}
         return {"params_total": total, "params_trainable": trainable,
-                "device": str(self.trainer.device), **info}
+                "device": str(self.trainer.device), **info,
+                **self.model.backbone.transfer_record}
 
     def final_checks(self, final: dict) -> dict:
         """Model-specific end-of-run checks (the UFM's landscape probe); empty otherwise."""

@@ -2,9 +2,9 @@
 
 from ncsweep.models.mlp import MLP
 from ncsweep.models.network import Backbone, Network
+from ncsweep.models.transfer import WeightsNotFound, load_weights, resolve_weights
 from ncsweep.models.ufm import UFMFeatures
 from ncsweep.models.vision import VGG, ImageBackbone, ResNet
-from ncsweep.models.weights import WeightsNotFound, load_matching_weights, resolve_weights
 
 __all__ = ["MLP", "VGG", "Backbone", "ImageBackbone", "Network", "ResNet", "UFMFeatures",
-           "WeightsNotFound", "load_matching_weights", "resolve_weights"]
+           "WeightsNotFound", "load_weights", "resolve_weights"]

@@ -6,7 +6,9 @@ and to its own measurements (the UFM uses all of them); ordinary networks keep t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +16,30 @@ from torch import nn
 
 class Backbone(nn.Module):
     """A module mapping inputs to d features, with hooks the trainer and the job call."""
+
+    _frozen_norms: tuple[nn.Module, ...] = ()
+    transfer_record: Mapping[str, Any] = MappingProxyType({})
+
+    def last_block(self) -> list[nn.Module]:
+        """The modules that ``freeze=all_but_last_block`` leaves trainable."""
+        raise NotImplementedError(f"{type(self).__name__} has no last block to keep trainable")
+
+    def start_from(self, weights: str | None, weights_strict: bool, freeze: str) -> None:
+        """``arch.weights``, then ``arch.freeze`` (models.transfer), noted for the summary."""
+        from ncsweep.models import transfer
+
+        record = (transfer.load_weights(self, weights, weights_strict) if weights
+                  else {"weights": None})
+        keep = self.last_block() if freeze == "all_but_last_block" else []
+        self._frozen_norms = tuple(transfer.freeze(self, freeze, keep))
+        self.transfer_record = {**record, "freeze": freeze}
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Frozen BatchNorm layers keep their running statistics (eval mode) while training."""
+        super().train(mode)
+        for m in self._frozen_norms:
+            m.eval()
+        return self
 
     def penalty(self, head: nn.Module) -> torch.Tensor | float:
         """Extra regularisation of the objective beyond the optimiser's weight decay."""

@@ -13,11 +13,9 @@ from torch import nn
 
 from ncsweep.config import ConfigError
 from ncsweep.models.network import Backbone
-from ncsweep.models.weights import load_matching_weights
 
 STEMS = ("imagenet", "cifar")
 FEATURE_LAYERS = ("block", "linear")
-FREEZE = ("none", "all_but_last_block", "all")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,25 +49,13 @@ class ImageBackbone(Backbone):
 
     VARIANTS: tuple[str, ...] = ()
 
-    def _finish(self, weights: str | None, freeze: str, amp: str | None, channels_last: bool,
-                compile: bool) -> None:
-        _check_choice("arch.freeze", freeze, FREEZE)
+    def _finish(self, weights: str | None, weights_strict: bool, freeze: str, amp: str | None,
+                channels_last: bool, compile: bool) -> None:
         if amp is not None:
             _check_choice("arch.amp", amp, [None, *AMP_DTYPES])
-        self.weights_report = load_matching_weights(self, weights) if weights else None
+        self.start_from(weights, weights_strict, freeze)
         self.amp_dtype = AMP_DTYPES[amp] if amp else None
         self.channels_last = bool(channels_last)
-        self._frozen_norms: list[nn.Module] = []
-        if freeze != "none":
-            keep = self.last_block() if freeze == "all_but_last_block" else []
-            for p in self.parameters():
-                p.requires_grad_(False)
-            for m in keep:
-                for p in m.parameters():
-                    p.requires_grad_(True)
-            self._frozen_norms = [m for m in self.modules()
-                                  if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                  and not any(p.requires_grad for p in m.parameters())]
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         self._run = torch.compile(self.features_of) if compile else self.features_of
@@ -84,19 +70,8 @@ class ImageBackbone(Backbone):
         _check_choice("arch.feature_layer", feature_layer, FEATURE_LAYERS)
         return getattr(models, variant)(weights=None), _image_channels(input_shape, variant)
 
-    def last_block(self) -> list[nn.Module]:
-        """The modules that ``freeze=all_but_last_block`` leaves trainable."""
-        raise NotImplementedError
-
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def train(self, mode: bool = True) -> ImageBackbone:
-        """Frozen BatchNorm layers keep their running statistics (eval mode) while training."""
-        super().train(mode)
-        for m in self._frozen_norms:
-            m.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -122,8 +97,8 @@ class ResNet(ImageBackbone):
 
     def __init__(self, input_shape: Sequence[int], feature_dim: int, variant: str = "resnet18",
                  stem: str = "imagenet", feature_layer: str = "block", weights: str | None = None,
-                 freeze: str = "none", amp: str | None = None, channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 weights_strict: bool = True, freeze: str = "none", amp: str | None = None,
+                 channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
         net, channels = self._torchvision_net(input_shape, variant, stem, feature_layer)
         width = net.fc.in_features
@@ -140,7 +115,7 @@ class ResNet(ImageBackbone):
         if feature_layer == "block" and feature_dim != width:
             _narrow_block(self.layer4[-1], feature_dim)
         self.proj = nn.Linear(width, feature_dim) if feature_layer == "linear" else None
-        self._finish(weights, freeze, amp, channels_last, compile)
+        self._finish(weights, weights_strict, freeze, amp, channels_last, compile)
 
     def last_block(self) -> list[nn.Module]:
         return [self.layer4[-1]] + ([self.proj] if self.proj is not None else [])
@@ -182,8 +157,8 @@ class VGG(ImageBackbone):
 
     def __init__(self, input_shape: Sequence[int], feature_dim: int, variant: str = "vgg11_bn",
                  stem: str = "cifar", feature_layer: str = "block", weights: str | None = None,
-                 freeze: str = "none", amp: str | None = None, channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 weights_strict: bool = True, freeze: str = "none", amp: str | None = None,
+                 channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
         net, channels = self._torchvision_net(input_shape, variant, stem, feature_layer)
         self.features = net.features
@@ -211,7 +186,7 @@ class VGG(ImageBackbone):
                 nn.init.zeros_(self.classifier[3].bias)
         self.stem, self.width, self.feature_dim = stem, width, feature_dim
         self.proj = nn.Linear(width, feature_dim) if feature_layer == "linear" else None
-        self._finish(weights, freeze, amp, channels_last, compile)
+        self._finish(weights, weights_strict, freeze, amp, channels_last, compile)
 
     def last_block(self) -> list[nn.Module]:
         if self.stem == "cifar":
