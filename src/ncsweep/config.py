@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ncsweep.errors import ConfigError
+
 DIM_PATTERN = re.compile(r"^\s*(?:(\d+)\s*\*?\s*)?K\s*(?:([+-])\s*(\d+))?\s*$")
 DIM_ALLOWED = "a positive integer or a K-expression such as K, K-1, K+1, 2K"
 RESUME_CHOICES = ("auto", "never", "must")
@@ -20,14 +22,8 @@ NONFINITE_CHOICES = ("fail", "ignore")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 RUN_KEY_MAX = 96
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
-
-
-class ConfigError(ValueError):
-    """A bad config value: the message names the key, the value and what is allowed."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
-        self.key, self.value, self.allowed = key, value, allowed
+__all__ = ["ConfigError", "check_overrides", "register_resolvers", "resolve_dim", "run_key",
+           "validate"]
 
 
 def resolve_dim(value: Any, num_classes: int) -> int:

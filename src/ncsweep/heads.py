@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ncsweep.config import ConfigError
+from ncsweep.errors import ConfigError
 
 EMBEDDINGS = ("coordinate", "random")
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ncsweep.config import ConfigError
+from ncsweep.errors import ConfigError
 
 FREEZE = ("none", "all_but_last_block", "all")
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ncsweep.config import ConfigError
+from ncsweep.errors import ConfigError
 from ncsweep.models.network import Backbone
 
 STEMS = ("imagenet", "cifar")
