@@ -27,8 +27,8 @@ from ncsweep.report import (
     load,
     load_history,
     load_runs,
-    mixed_cells,
     not_averaged,
+    repeated_seeds,
     ufm_table,
     write_report,
 )
@@ -38,6 +38,8 @@ from ncsweep.tracking import RunFolder
 from tests.conftest import ROOT, run_cli
 
 TINY = ["trainer.epochs=2", "trainer.eval_every=1", "arch.width=32", "trainer.progress=false"]
+VARIANT = ["-m", "head=etf,learned", "dim=K,512", "dataset.test_fraction=0.3", *TINY,
+           "logger=none", "name=variant"]
 SWEEPS = {
     "card": ["-m", "head=etf,learned", "dim=K,512,K-2", "seed=0,1", *TINY, "logger=none",
              "name=card"],
@@ -67,6 +69,15 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory) -> Path:
         results["card"].stdout + results["card"].stderr)
     assert results["ufm"].returncode == 0, results["ufm"].stderr
     return root / "multirun"
+
+
+@pytest.fixture(scope="module")
+def variant_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real sweep of the card grid (seed 0) on another test split: a data variant."""
+    root = tmp_path_factory.mktemp("variant")
+    result = run_cli(VARIANT, root, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "4 done" in result.stdout, result.stdout + result.stderr
+    return root / "multirun" / "variant"
 
 
 @pytest.fixture(scope="module")
@@ -288,13 +299,17 @@ def test_cli_writes_report_files_and_figures(cli_report: tuple, sweeps: Path) ->
     assert "within 0.5 points" in page
 
 
-def test_group_by_name_separates_sweeps_that_default_grouping_mixes(
+def test_group_by_name_separates_sweeps_that_the_default_grouping_averages(
         sweeps: Path, capsys: pytest.CaptureFixture) -> None:
     runs = hand_runs()
     runs["name"] = ["first" if s % 2 else "second" for s in runs["seed"]]
-    assert any("differ in name" in note for note in mixed_cells(runs))
+    together = claims_table(runs).set_index(["loss", "setting"])
+    assert set(together["condition"]) == {"none"}
+    assert together.loc[("ce", "etf, d=K"), "n_done"] == 3
+    twice = pd.concat([runs, runs.assign(path=runs["path"] + "/again")])
+    assert repeated_seeds(runs) == []
+    assert any("a seed appears more than once in" in n for n in repeated_seeds(twice))
     keys = ["name", "dataset", "arch", "loss"]
-    assert mixed_cells(runs, keys) == []
     table = claims_table(runs, keys)
     assert sorted(set(table["name"])) == ["first", "second"]
     assert table.set_index(["name", "loss", "setting"]).loc[
@@ -419,7 +434,7 @@ def test_truncated_wandb_log_keeps_the_records_before_the_tear(
 
 
 def write_folder(path: Path, head: str, dim: int, seed: int, finals: dict,
-                 embedding: str | None = None) -> None:
+                 embedding: str | None = None, recorded: dict | None = None) -> None:
     """A run folder written with plain json and open(): the documented layout, nothing else."""
     path.mkdir(parents=True)
     identity = {"format": "ncsweep-run-1", "name": "hand", "run_key": path.name,
@@ -437,7 +452,8 @@ def write_folder(path: Path, head: str, dim: int, seed: int, finals: dict,
         handle.writelines(json.dumps(r) + "\n" for r in rows)
     summary = {**identity, "status": "done", **rows[-1], "params_trainable": 100 * dim,
                "params_total": 110 * dim, "peak_memory_bytes": 2**30,
-               "peak_memory_kind": "cpu_peak_rss", "train_memory_bytes": 1000 * dim}
+               "peak_memory_kind": "cpu_peak_rss", "train_memory_bytes": 1000 * dim,
+               **(recorded or {})}
     (path / "summary.json").write_text(json.dumps(summary))
     (path / "DONE").write_text("")
 
@@ -515,3 +531,149 @@ def test_collapse_verdict_names_every_failing_metric(tmp_path: Path) -> None:
     assert unjudged["verdict"] == "yes"
     assert "nc1_rowspace, nc2_m_rowspace, nc3_duality_rowspace not recorded for the baseline" in (
         unjudged["text"])
+
+
+def test_runs_differing_in_a_data_variant_are_separate_rows(sweeps: Path,
+                                                           variant_sweep: Path) -> None:
+    runs = load_runs([sweeps / "card", variant_sweep])
+    table = claims_table(runs).set_index(["condition", "setting"])
+    assert sorted(set(table.index.get_level_values("condition"))) == [
+        "dataset.test_fraction=0.3", "none"]
+    for condition, source, seeds in (("none", sweeps / "card", "0,1"),
+                                     ("dataset.test_fraction=0.3", variant_sweep, "0")):
+        mine = {(f.read_run()["head"], f.read_run()["feature_dim"]): f.read_summary()
+                for f in folders(source)}
+        for head, dim, setting in (("etf", 10, "etf, d=K"), ("learned", 512, "learned, d=large")):
+            cell = table.loc[(condition, setting)]
+            summaries = [v for (h, d), v in mine.items() if (h, d) == (head, dim)]
+            assert cell["seeds"] == seeds and cell["n_done"] == len(seeds.split(","))
+            accs = [f.read_summary()["test_acc"] for f in folders(source)
+                    if (f.read_run()["head"], f.read_run()["feature_dim"]) == (head, dim)]
+            assert cell["test_acc_mean"] == pytest.approx(sum(accs) / len(accs), rel=1e-12)
+            assert cell["params_trainable_min"] == cell["params_trainable_max"] == summaries[0][
+                "params_trainable"]
+    verdicts = claim_verdicts(claims_table(runs))
+    assert sorted(set(verdicts["condition"])) == ["dataset.test_fraction=0.3", "none"]
+    assert len(verdicts) == 10 and "n/a" not in set(verdicts.loc[
+        verdicts["claim"] == "accuracy", "verdict"])
+    assert set(runs.loc[runs["run_key"].str.contains("test_fraction"), "variant"]) == {
+        "arch.width=32 dataset.test_fraction=0.3 trainer.epochs=2 trainer.eval_every=1"}
+
+
+def test_a_null_group_is_a_group_of_its_own_and_keeps_every_run() -> None:
+    runs = hand_runs()
+    runs["imbalance"] = [None if loss == "ce" else "exp" for loss in runs["loss"]]
+    keys = ["dataset", "arch", "loss", "imbalance"]
+    table = claims_table(runs, keys)
+    assert sorted(set(table["imbalance"])) == ["exp", "none"]
+    assert table["n_done"].sum() == (runs["status"] == "done").sum()
+    assert table["n_done"].sum() + table["n_failed"].sum() == len(runs)
+    none = table[table["imbalance"] == "none"].set_index("setting")
+    assert none.loc["etf, d=K", "test_acc_mean"] == pytest.approx(0.91)
+    assert set(claim_verdicts(table, keys)["imbalance"]) == {"exp", "none"}
+    mixed = claims_table(runs)
+    assert sorted(set(mixed["condition"])) == ["none"]
+    apart = claims_table(runs, ["dataset", "arch"])
+    assert sorted(set(apart["condition"])) == ["loss=ce", "loss=mse"]
+    assert apart["n_done"].sum() + apart["n_failed"].sum() == len(runs)
+
+
+def test_a_recorded_option_splits_rows_and_a_learned_baseline_serves_each_embedding() -> None:
+    runs = hand_runs()
+    runs = runs[runs["loss"] == "ce"].copy()
+    runs["freeze"] = [bool(s == 2) for s in runs["seed"]]
+    table = claims_table(runs).set_index(["condition", "setting"])
+    assert sorted(set(table.index.get_level_values(0))) == ["freeze=false", "freeze=true"]
+    assert table.loc[("freeze=true", "etf, d=K"), "seeds"] == "2"
+    assert table.loc[("freeze=false", "etf, d=K"), "test_acc_mean"] == pytest.approx(0.905)
+    runs = hand_runs()
+    runs = runs[runs["loss"] == "ce"].copy()
+    runs["embedding"] = [None if h == "learned" else ("random" if s == 0 else "coordinate")
+                         for h, s in zip(runs["head"], runs["seed"], strict=True)]
+    table = claims_table(runs).set_index(["condition", "setting"])
+    assert sorted(set(table.index.get_level_values(0))) == [
+        "embedding=coordinate", "embedding=random"]
+    for condition in ("embedding=coordinate", "embedding=random"):
+        assert table.loc[(condition, "learned, d=large"), "seeds"] == "0,1,2"
+    assert table.loc[("embedding=random", "etf, d=K"), "seeds"] == "0"
+    assert table.loc[("embedding=coordinate", "etf, d=K"), "test_acc_mean"] == pytest.approx(
+        0.92)
+
+
+def test_parameters_are_one_value_or_the_range_never_a_mean() -> None:
+    runs = hand_runs()
+    table = claims_table(runs)
+    group = {"dataset": "cifar10", "arch": "resnet18", "loss": "ce", "condition": "none"}
+    shown = format_claims(table, group)
+    assert shown.loc["trainable params", "etf, d=K"] == "8,867,542"
+    assert shown.loc["total params", "etf, d=K"] == "8,867,642"
+    changed = (runs["loss"] == "ce") & (runs["head"] == "etf") & (runs["feature_dim"] == 10)
+    runs.loc[changed & (runs["seed"] == 1), "params_trainable"] = 8_867_742
+    table = claims_table(runs)
+    cell = table[(table["loss"] == "ce") & (table["setting"] == "etf, d=K")].iloc[0]
+    assert (cell["params_trainable_min"], cell["params_trainable_max"]) == (8_867_542, 8_867_742)
+    shown = format_claims(table, group)
+    assert shown.loc["trainable params", "etf, d=K"] == "8,867,542-8,867,742"
+    assert shown.loc["trainable params saved", "etf, d=K"] == "-"
+    mean = f"{cell['params_trainable_mean']:,.0f}"
+    assert mean not in shown.to_string()
+    verdict = claim_verdicts(table).set_index(["loss", "claim"]).loc[("ce", "parameters")]
+    assert verdict["verdict"] == "n/a"
+    assert "vary within a cell (8,867,542-8,867,742 vs 11,181,642)" in verdict["text"]
+
+
+def md_tables(md: str) -> list[dict[str, list[str]]]:
+    """Every pipe table of a report.md as {row label: cells}."""
+    tables, current = [], None
+    for line in md.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            current = {} if current is None else current
+            current[cells[0]] = cells[1:]
+        elif current is not None:
+            tables.append(current)
+            current = None
+    return tables
+
+
+def test_hand_written_folders_header_counts_equal_the_rows_shown(tmp_path: Path) -> None:
+    sweep = hand_sweep(tmp_path / "sweep" / "plain", BASE_FINALS)
+    for head in ("learned", "etf"):
+        for dim in (10, 512):
+            for seed in (0, 1, 2):
+                name = f"dataset.imbalance=exp,dim={dim},head={head},seed={seed}"
+                write_folder(tmp_path / "sweep" / "exp" / name, head, dim, seed, BASE_FINALS,
+                             embedding="coordinate", recorded={"imbalance": "exp"})
+    write_folder(sweep / "dim=8,head=learned,seed=0", "learned", 8, 0, BASE_FINALS)
+    failed = sweep / "dim=K,head=etf,seed=2"
+    write_folder(failed, "etf", 10, 2, BASE_FINALS, embedding="coordinate")
+    (failed / "DONE").unlink()
+    (failed / "FAILED").write_text("RuntimeError: boom\n")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "sweep"), "--out", str(out), "--group-by",
+                 "dataset,arch,loss,imbalance"]) == 0
+    md = (out / "report.md").read_text()
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 8 + 12 + 1 + 1
+    assert f"**{len(runs)} runs**: 21 done, 1 failed." in md
+    assert "Of the 21 finished runs: 20 in the claims tables below (2 sections), 1 in other " \
+           "head x d settings (named below)." in md
+    assert "### dataset=digits / arch=mlp / loss=ce / imbalance=exp" in md
+    assert "### dataset=digits / arch=mlp / loss=ce / imbalance=none" in md
+    tables = [t for t in md_tables(md) if "finished runs (seeds)" in t]
+    shown = [int(cell.split(" ")[0]) for t in tables for cell in t["finished runs (seeds)"]]
+    failed_shown = [int(cell.split(" / ")[0]) for t in tables
+                    for cell in t["failed / running / diverged"]]
+    assert sorted(shown) == [2, 2, 2, 2, 3, 3, 3, 3] and sum(shown) == 20
+    assert sum(failed_shown) == 1
+    assert "other settings, not in the table: learned, d=8" in md
+    assert md.split("## Runs not averaged")[1].count("RuntimeError: boom") == 1
+    assert (out / "curves-digits-mlp-ce-exp.png").exists()
+    assert (out / "curves-digits-mlp-ce-none.png").exists()
+    together = tmp_path / "together"
+    assert main([str(tmp_path / "sweep"), "--out", str(together)]) == 0
+    md = (together / "report.md").read_text()
+    assert "### dataset=digits / arch=mlp / loss=ce: dataset.imbalance=exp" in md
+    assert "### dataset=digits / arch=mlp / loss=ce: none\n" in md
+    assert "Of the 21 finished runs: 20 in the claims tables below (2 sections)" in md
+    assert "mean over seeds" not in md and "WARNING" not in md

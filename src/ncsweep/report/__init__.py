@@ -7,7 +7,8 @@ The same steps are public functions for notebooks: :func:`load_runs`, :func:`loa
 :func:`claims_table`, :func:`claim_verdicts`, :func:`ufm_table`, the ``*_figure`` functions and
 :func:`write_report`. The modules are the seams: ``sources`` (reading runs, with ``wandb_log``
 and ``wandb_project``), ``claims``, ``figures``, ``document``, ``write`` and ``__main__``.
-Run folders are read only through :mod:`ncsweep.tracking`; only finished runs are averaged.
+Run folders are read only through :mod:`ncsweep.tracking`; only finished runs are averaged, and a
+cell only over runs that differ in nothing but the seed (see :mod:`ncsweep.report.claims`).
 """
 
 from ncsweep.report.claims import (
@@ -15,10 +16,13 @@ from ncsweep.report.claims import (
     claim_verdicts,
     claims_table,
     collapsed_as_far,
-    mixed_cells,
     not_averaged,
+    params_text,
+    repeated_seeds,
+    shown_counts,
     ufm_suspects,
     ufm_table,
+    with_conditions,
 )
 from ncsweep.report.figures import curves_figure, png_bytes, resources_figure, ufm_figure
 from ncsweep.report.sources import ReportError, load, load_history, load_runs
@@ -28,13 +32,15 @@ from ncsweep.report.write import (
     format_rowspace,
     groups_of,
     make_figures,
+    section_title,
     write_report,
 )
 
 __all__ = [
     "DEFAULT_GROUP_BY", "ReportError", "claim_verdicts", "claims_table", "collapsed_as_far",
     "curves_figure", "format_claims", "format_rowspace", "groups_of", "load", "load_history",
-    "load_runs", "make_figures", "mixed_cells", "not_averaged", "png_bytes",
-    "read_wandb_offline", "resources_figure", "ufm_figure", "ufm_suspects", "ufm_table",
-    "wandb_offline_files", "write_report",
+    "load_runs", "make_figures", "not_averaged", "params_text", "png_bytes",
+    "read_wandb_offline", "repeated_seeds", "resources_figure", "section_title", "shown_counts",
+    "ufm_figure", "ufm_suspects", "ufm_table", "wandb_offline_files", "with_conditions",
+    "write_report",
 ]

@@ -1,12 +1,32 @@
-"""Judging the claims: head x d settings, the claims table, plain verdicts, the UFM table.
+"""Judging the claims: runs of one condition, head x d settings, the claims table, verdicts.
 
 The candidate is a fixed simplex-ETF head at d = K, the baseline a learned head at the largest d
-of its group; every verdict is computed from the same table cells the report prints.
+of its condition; every verdict is computed from the same table cells the report prints.
+
+A cell averages only runs that differ in nothing but ``seed``. Within each ``group_by`` group
+the runs are split into conditions by everything else they record (:func:`with_conditions`):
+
+- the experiment-changing overrides (the ``variant`` column: the job's Hydra overrides without
+  seed, head, dim, the choices run.json records as columns, and name, logger, launcher, hydra.*,
+  trainer.resume, trainer.progress, trainer.device);
+- ``num_classes`` and every column whose recorded values are all text or yes/no (dataset,
+  optim, schedule, experiment, embedding, and summary options such as imbalance, label_noise,
+  weights, weights_sha256, freeze), except bookkeeping (name, run_key, path, status, reason,
+  source, device, peak_memory_kind, code_*, launcher) and per-run outcomes (diverged, the UFM
+  flags). Numbers in the summary are results, so a numeric option counts through its override.
+
+Missing values match anything where a value cannot apply: a head option (``embedding``, a
+``head.*`` override) on a head without it, so one learned-head baseline serves every ETF
+condition it fits; and any value a run that did not finish never recorded. A null value is a
+value of its own ("none"), never a reason to drop a run. A condition is named by the values
+that tell it apart from the other conditions of its group (e.g. ``dataset.imbalance=exp``);
+one with none of them set is "none".
 """
 
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +39,7 @@ ROWSPACE_METRICS = ("nc1_rowspace", "nc2_m_rowspace", "nc3_duality_rowspace", "n
 CELL_METRICS = ("test_acc", "train_acc", "nc1", "nc2_m", "nc2_of", "nc3", "nc4", "nc4_test",
                 *ROWSPACE_METRICS, "params_trainable", "params_total", "peak_memory_bytes",
                 "train_memory_bytes", "epochs_to_full_train_acc", "wall_time_s")
+PARAM_METRICS = ("params_trainable", "params_total")
 COLLAPSE_METRICS = ("nc1", "nc2_m", "nc3")
 COLLAPSE_ROWSPACE = ("nc1_rowspace", "nc2_m_rowspace", "nc3_duality_rowspace")
 COLLAPSE_REL_TOL = 0.10
@@ -33,6 +54,147 @@ MEMORY_KINDS = {
 }
 TRAIN_MEMORY = ("train_memory_bytes: parameters, gradients, optimizer state and saved "
                 "activations of one training step, the same on every device")
+NONE = "none"
+NOT_SETTINGS = frozenset({
+    "seed", "head", "dim", "feature_dim", "name", "run_key", "path", "status", "reason",
+    "source", "created", "code_commit", "code_dirty", "launcher", "device", "peak_memory_kind",
+    "variant", "overrides", "format", "diverged", "reached_global_optimum",
+    "spurious_minimum_suspect", "setting", "d_kind", "d_large", "condition"})
+NUMERIC_SETTINGS = ("num_classes",)
+HEAD_OPTIONS = ("embedding",)
+HEAD_OVERRIDE_PREFIX = "head."
+_WILD = object()
+
+
+def variant_options(variant: object) -> dict[str, str]:
+    """A ``variant`` text as override key -> value (``~key`` deletions keep an empty value)."""
+    if not isinstance(variant, str) or not variant.strip():
+        return {}
+    try:
+        tokens = shlex.split(variant, posix=False)
+    except ValueError:
+        tokens = variant.split()
+    return dict(token.split("=", 1) if "=" in token else (token, "") for token in tokens)
+
+
+def setting_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns that name a run's condition: num_classes and the text or yes/no columns."""
+    columns = []
+    for column in frame.columns:
+        if column in NOT_SETTINGS or str(column).startswith("_"):
+            continue
+        if column in NUMERIC_SETTINGS:
+            columns.append(column)
+            continue
+        series = frame[column]
+        if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+            continue
+        values = series.dropna()
+        if len(values) and all(isinstance(v, (str, bool, np.bool_)) for v in values):
+            columns.append(column)
+    return columns
+
+
+def with_conditions(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """``frame`` with a ``condition`` per run, a run repeated once per condition it fits."""
+    if frame.empty:
+        return frame.assign(condition=pd.Series(dtype=object))
+    options = [variant_options(v) for v in (frame["variant"] if "variant" in frame
+                                            else [None] * len(frame))]
+    entries = [("override", k) for k in sorted({k for o in options for k in o})]
+    entries += [("column", c) for c in setting_columns(frame) if c not in keys]
+    head_option = [(kind == "column" and name in HEAD_OPTIONS)
+                   or (kind == "override" and name.startswith(HEAD_OVERRIDE_PREFIX))
+                   for kind, name in entries]
+    columns = {name: frame[name].tolist() for kind, name in entries if kind == "column"}
+    done = (frame["status"] == "done").tolist()
+    signatures = []
+    for i, opts in enumerate(options):
+        values = []
+        for (kind, name), of_head in zip(entries, head_option, strict=True):
+            value = opts.get(name) if kind == "override" else _plain(columns[name][i])
+            unknown = value is None and (of_head or (kind == "column" and not done[i]))
+            values.append(_WILD if unknown else value)
+        signatures.append(tuple(values))
+    positions, labels = [], []
+    group_rows = frame.groupby(list(keys), dropna=False, sort=False).indices if keys else {
+        (): np.arange(len(frame))}
+    for members in group_rows.values():
+        rows, fits = _rows_of(members, signatures, done)
+        names = _row_names(rows, entries)
+        for i, fit in zip(members, fits, strict=True):
+            positions += [i] * len(fit)
+            labels += [names[r] for r in fit]
+    out = frame.iloc[positions].reset_index(drop=True)
+    out["condition"] = pd.Series(labels, dtype=object)
+    return out
+
+
+def _plain(value: object) -> object:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _fits(signature: tuple, row: tuple) -> bool:
+    return all(v is _WILD or v == r for v, r in zip(signature, row, strict=True))
+
+
+def _rows_of(members: np.ndarray, signatures: list[tuple],
+             done: list[bool]) -> tuple[list[tuple], list[list[int]]]:
+    """The conditions of one group (finished runs first, fewest unknowns first) and their runs."""
+    rows: list[tuple] = []
+    order = sorted(members, key=lambda i: (not done[i], sum(v is _WILD for v in signatures[i]),
+                                           str(signatures[i])))
+    for i in order:
+        if not any(_fits(signatures[i], row) for row in rows):
+            rows.append(tuple(None if v is _WILD else v for v in signatures[i]))
+    fits = [[r for r, row in enumerate(rows) if _fits(signatures[i], row)] for i in members]
+    return rows, fits
+
+
+def _row_names(rows: list[tuple], entries: list[tuple[str, str]]) -> list[str]:
+    """Each condition named by the values that split the group's conditions apart."""
+    blocks = [list(range(len(rows)))]
+    named = []
+    for j in range(len(entries)):
+        split = [b for b in blocks if len({rows[r][j] for r in b}) > 1]
+        if not split:
+            continue
+        named.append(j)
+        blocks = [part for b in blocks for part in _partition(b, rows, j)]
+    names = []
+    for row in rows:
+        parts = []
+        for j in named:
+            kind, name = entries[j]
+            if row[j] is None and kind == "override":
+                continue
+            parts.append(name if kind == "override" and row[j] == "" else
+                         f"{name}={_shown(row[j])}")
+        names.append(", ".join(parts) or NONE)
+    return names
+
+
+def _partition(block: list[int], rows: list[tuple], j: int) -> list[list[int]]:
+    parts: dict[object, list[int]] = {}
+    for r in block:
+        parts.setdefault(rows[r][j], []).append(r)
+    return list(parts.values())
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return NONE
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def row_keys(table: pd.DataFrame, group_by: Sequence[str]) -> list[str]:
+    """The keys of one claims-table section: the group and, where present, the condition."""
+    keys = _keys(group_by)
+    return [*keys, "condition"] if "condition" in table and "condition" not in keys else keys
 
 
 def setting_name(head: str, d_kind: str) -> str:
@@ -41,12 +203,19 @@ def setting_name(head: str, d_kind: str) -> str:
 
 
 def with_settings(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> pd.DataFrame:
-    """Non-UFM runs with ``d_kind`` (K, large or None) and ``setting``; d=large is the group max."""
+    """Non-UFM runs with ``condition``, ``d_kind`` (K, large or None) and ``setting``.
+
+    Null group values become "none"; d=large is the largest d of the run's condition.
+    """
     frame = runs[runs["arch"].astype(object) != "ufm"].copy()
     keys = list(group_by)
+    for key in keys:
+        frame[key] = frame[key].astype(object).where(frame[key].notna(), NONE)
+    frame = with_conditions(frame, keys)
     dims, classes = numeric(frame, "feature_dim"), numeric(frame, "num_classes")
     frame["_d"] = dims
-    largest = frame.groupby(keys, dropna=False)["_d"].transform("max") if len(frame) else dims
+    largest = (frame.groupby([*keys, "condition"], dropna=False)["_d"].transform("max")
+               if len(frame) else dims)
     kind = np.where(dims == classes, "K", np.where((dims == largest) & (dims > classes),
                                                     "large", None))
     frame["d_kind"] = pd.Series(kind, index=frame.index, dtype=object)
@@ -63,16 +232,23 @@ def claims_table(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY)
     """
     keys = _keys(group_by)
     frame = with_settings(runs, keys)
-    frame = frame[frame["setting"].notna() & frame[keys].notna().all(axis=1)]
-    groups = frame[keys].drop_duplicates().sort_values(keys).itertuples(index=False, name=None)
-    rows = [_cell(frame, dict(zip(keys, group, strict=True)), head, kind)
-            for group in groups for head, kind in SETTINGS]
-    table = pd.DataFrame(rows, columns=_table_columns(keys))
-    return _add_deltas(table, keys)
+    frame = frame[frame["setting"].notna()]
+    sections = [*keys, "condition"]
+    groups = frame[sections].drop_duplicates().sort_values(sections, key=_sort_key)
+    rows = [_cell(frame, dict(zip(sections, group, strict=True)), head, kind)
+            for group in groups.itertuples(index=False, name=None) for head, kind in SETTINGS]
+    table = pd.DataFrame(rows, columns=_table_columns(sections))
+    return _add_deltas(table, sections)
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    """Numbers before text, "none" first among text, so mixed-type group values sort."""
+    return column.map(lambda v: (isinstance(v, str), v != NONE, v if not isinstance(v, str)
+                                 else 0, str(v)))
 
 
 def _keys(group_by: Sequence[str]) -> list[str]:
-    keys = list(group_by)
+    keys = [k for k in group_by if k != "condition"]
     if not keys:
         raise ValueError("group_by needs at least one column (e.g. dataset, arch, loss)")
     return keys
@@ -80,9 +256,10 @@ def _keys(group_by: Sequence[str]) -> list[str]:
 
 def _table_columns(keys: list[str]) -> list[str]:
     stats = [f"{m}_{s}" for m in CELL_METRICS for s in ("mean", "std")]
+    ranges = [f"{m}_{s}" for m in PARAM_METRICS for s in ("min", "max")]
     return [*keys, "setting", "head", "d_kind", "feature_dim", "n_done", "n_failed",
             "n_running", "n_diverged", "n_unstable", "seeds", "n_full_train_acc",
-            "peak_memory_kind", "embedding", *stats]
+            "peak_memory_kind", "embedding", *stats, *ranges]
 
 
 def _cell(frame: pd.DataFrame, group: dict, head: str, kind: str) -> dict:
@@ -107,6 +284,9 @@ def _cell(frame: pd.DataFrame, group: dict, head: str, kind: str) -> dict:
         values = numeric(done, metric)
         row[f"{metric}_mean"] = values.mean() if values.notna().any() else math.nan
         row[f"{metric}_std"] = values.std() if values.notna().sum() > 1 else math.nan
+    for metric in PARAM_METRICS:
+        values = numeric(done, metric)
+        row[f"{metric}_min"], row[f"{metric}_max"] = values.min(), values.max()
     return row
 
 
@@ -120,7 +300,8 @@ def _joined(done: pd.DataFrame, column: str) -> str:
 def _add_deltas(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Differences of every setting against the (learned, large d) baseline of its group."""
     columns = ["test_acc_mean", "train_acc_mean", "params_trainable_mean", "params_total_mean",
-               "peak_memory_bytes_mean", "train_memory_bytes_mean", "peak_memory_kind"]
+               "peak_memory_bytes_mean", "train_memory_bytes_mean", "peak_memory_kind",
+               *(f"{m}_{s}" for m in PARAM_METRICS for s in ("min", "max"))]
     base = table.loc[table["setting"] == setting_name(*BASELINE), [*keys, *columns]]
     lookup = table[keys].merge(base, on=keys, how="left")
     lookup.index = table.index
@@ -129,6 +310,10 @@ def _add_deltas(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     for metric in ("params_trainable", "params_total", "peak_memory_bytes", "train_memory_bytes"):
         reference = lookup[f"{metric}_mean"]
         table[f"{metric}_saved_pct"] = 100 * (reference - table[f"{metric}_mean"]) / reference
+    for metric in PARAM_METRICS:
+        single = (table[f"{metric}_min"] == table[f"{metric}_max"]) & (
+            lookup[f"{metric}_min"] == lookup[f"{metric}_max"])
+        table.loc[~single, f"{metric}_saved_pct"] = math.nan
     same_kind = (table["peak_memory_kind"] == lookup["peak_memory_kind"]) & ~table[
         "peak_memory_kind"].str.contains(",", regex=False)
     table.loc[~same_kind, "peak_memory_bytes_saved_pct"] = math.nan
@@ -138,10 +323,10 @@ def _add_deltas(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def claim_verdicts(table: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY,
                    tolerance_pts: float = TOLERANCE_PTS) -> pd.DataFrame:
-    """Plain verdicts per group: accuracy, parameters, memory, collapse (see collapsed_as_far)."""
-    keys = _keys(group_by)
+    """Plain verdicts per group and condition: accuracy, parameters, memory, collapse, stability."""
+    keys = row_keys(table, group_by)
     rows = []
-    for group, cells in table.groupby(keys, sort=True):
+    for group, cells in table.groupby(keys, sort=False):
         values = dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True))
         by_setting = cells.set_index("setting")
         base = by_setting.loc[setting_name(*BASELINE)]
@@ -159,7 +344,7 @@ def _group_verdicts(base: pd.Series, cand: pd.Series, tol: float) -> list[tuple[
         return [(claim, "n/a", f"{claim}: {text}")
                 for claim in ("accuracy", "parameters", "memory", "collapse", "stability")]
     label = candidate_label(cand)
-    return [_accuracy_verdict(base, cand, tol, label), _params_verdict(cand, label),
+    return [_accuracy_verdict(base, cand, tol, label), _params_verdict(base, cand, label),
             _memory_verdict(base, cand, label), _collapse_verdict(base, cand, label),
             _stability_verdict(base, cand, label)]
 
@@ -188,13 +373,26 @@ def _accuracy_verdict(base: pd.Series, cand: pd.Series, tol: float,
     return "accuracy", verdict, text
 
 
-def _params_verdict(cand: pd.Series, label: str) -> tuple[str, str, str]:
+def _params_verdict(base: pd.Series, cand: pd.Series, label: str) -> tuple[str, str, str]:
     saved, total = cand["params_trainable_saved_pct"], cand["params_total_saved_pct"]
+    left, reference = params_text(cand, "params_trainable"), params_text(base, "params_trainable")
     if math.isnan(saved):
+        if any(pd.notna(c["params_trainable_min"])
+               and c["params_trainable_min"] != c["params_trainable_max"] for c in (base, cand)):
+            return "parameters", "n/a", (f"parameters saved: not judged, the trainable "
+                                         f"parameters vary within a cell ({left} vs {reference})")
         return "parameters", "n/a", "parameters saved: not recorded"
     text = (f"parameters saved by {label}: {saved:.1f}% of trainable parameters "
-            f"({cand['params_trainable_mean']:,.0f} left); {total:.1f}% of all parameters")
+            f"({left} left); {total:.1f}% of all parameters")
     return "parameters", f"{saved:.1f}%", text
+
+
+def params_text(cell: pd.Series, metric: str) -> str:
+    """A cell's parameter count: one value, or the range ``min-max`` its runs span; never a mean."""
+    low, high = cell[f"{metric}_min"], cell[f"{metric}_max"]
+    if pd.isna(low):
+        return "-"
+    return f"{low:,.0f}" if low == high else f"{low:,.0f}-{high:,.0f}"
 
 
 def _memory_verdict(base: pd.Series, cand: pd.Series, label: str) -> tuple[str, str, str]:
@@ -274,35 +472,45 @@ def epochs_text(cell: pd.Series) -> str:
     return f"{cell['epochs_to_full_train_acc_mean']:.3g} ({reached}/{n} runs)"
 
 
-def mixed_cells(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[str]:
-    """Groups whose cells mix runs that differ in more than the seed: their means would mislead."""
-    keys = list(group_by)
-    frame = with_settings(runs[runs["status"] == "done"], keys)
-    frame = frame[frame["setting"].notna()]
+def repeated_seeds(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[str]:
+    """Cells where one seed appears more than once: one setting run again (several sweeps?)."""
+    frame = with_settings(runs, list(group_by))
+    frame = frame[frame["setting"].notna() & (frame["status"] == "done")]
     notes = []
-    for group, runs_in in frame.groupby(keys, dropna=False, sort=True):
-        label = " / ".join(str(v) for v in (group if isinstance(group, tuple) else (group,)))
-        cells = runs_in.groupby("setting")
-        for column in ("name", "variant", "optim", "embedding"):
-            if column in runs_in and (cells[column].nunique() > 1).any():
-                values = sorted(str(v) for v in runs_in[column].dropna().unique())
-                notes.append(f"{label}: runs of one setting differ in {column} ({values}); "
-                             "add it to --group-by or report the sweeps one by one")
-        repeated = sorted(s for s, c in runs_in.groupby("setting")["seed"]
-                          if c.dropna().duplicated().any())
+    sections = [*_keys(group_by), "condition"]
+    for group, runs_in in frame.groupby(sections, sort=True):
+        repeated = sorted(s for s, seeds in runs_in.groupby("setting")["seed"]
+                          if seeds.dropna().duplicated().any())
         if repeated:
+            label = " / ".join(str(v) for v in group)
             notes.append(f"{label}: a seed appears more than once in {'; '.join(repeated)} "
-                         "(several sweeps?)")
+                         "(the same setting run by several sweeps; all its runs are averaged)")
     return notes
 
 
 def other_settings(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[str]:
     """Finished non-UFM runs that fit none of the four settings (e.g. d=K-1), named by d."""
-    frame = with_settings(runs[runs["status"] == "done"], list(group_by))
-    rest = frame[frame["setting"].isna()]
-    pairs = sorted({(str(h), str(d)) for h, d in zip(rest["head"], rest["feature_dim"],
-                                                       strict=True)})
-    return [f"{h}, d={d}" for h, d in pairs]
+    frame = with_settings(runs, list(group_by))
+    rest = frame[frame["setting"].isna() & (frame["status"] == "done")]
+    named = sorted({(str(h), str(d), "" if c == NONE else f" ({c})") for h, d, c in
+                    zip(rest["head"], rest["feature_dim"], rest["condition"], strict=True)})
+    return [f"{h}, d={d}{c}" for h, d, c in named]
+
+
+def shown_counts(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> dict[str, int]:
+    """Finished runs by where the report shows them; table + other + ufm is every finished run.
+
+    ``repeated`` counts the runs shown in more than one condition (a shared baseline).
+    """
+    frame = with_settings(runs, list(group_by))
+    done = frame[frame["status"] == "done"]
+    in_table = done[done["setting"].notna()]
+    per_run = in_table.groupby("path")["condition"].nunique()
+    return {"done": int((runs["status"] == "done").sum()),
+            "table": int(in_table["path"].nunique()),
+            "other": int(done.loc[done["setting"].isna(), "path"].nunique()),
+            "ufm": int(((runs["arch"] == "ufm") & (runs["status"] == "done")).sum()),
+            "repeated": int((per_run > 1).sum())}
 
 
 def not_averaged(runs: pd.DataFrame) -> pd.DataFrame:

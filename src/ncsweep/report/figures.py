@@ -12,7 +12,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ncsweep.report.claims import SETTINGS, UFM_KEYS, flag, numeric, setting_name, with_settings
+from ncsweep.report.claims import (
+    NONE,
+    SETTINGS,
+    UFM_KEYS,
+    flag,
+    numeric,
+    setting_name,
+    with_settings,
+)
 
 CURVE_PANELS = (("nc1", "NC1  tr(Σ_W Σ_B⁺)/K"), ("nc2_m", "NC2  (nc2_m)"), ("nc3", "NC3"),
                 ("nc4", "NC4  (NCC mismatch)"), ("train_acc", "train accuracy"),
@@ -62,17 +70,24 @@ def curves_figure(runs: pd.DataFrame, history: pd.DataFrame, group: Mapping[str,
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         figure.legend(handles, labels, loc="outside lower center", ncols=len(labels))
-    figure.suptitle(" / ".join(str(v) for v in group.values()) + ": NC metrics and accuracy "
-                    "per epoch (line: mean over seeds, band: min-max)")
+    figure.suptitle(group_label(group) + ": NC metrics and accuracy per epoch (line: mean "
+                    "over the seeds of one setting, band: min-max)")
     return figure
 
 
 def _group_settings(runs: pd.DataFrame, group: Mapping[str, object],
                     group_by: Sequence[str]) -> pd.DataFrame:
-    frame = with_settings(runs[runs["status"] == "done"], list(group_by))
+    frame = with_settings(runs, list(group_by))
     for key, value in group.items():
         frame = frame[frame[key] == value]
-    return frame[frame["setting"].notna()]
+    return frame[frame["setting"].notna() & (frame["status"] == "done")]
+
+
+def group_label(group: Mapping[str, object]) -> str:
+    """``digits / mlp / ce``, with ``: <condition>`` unless the condition is "none"."""
+    label = " / ".join(str(v) for k, v in group.items() if k != "condition")
+    condition = group.get("condition", NONE)
+    return label if condition == NONE else f"{label}: {condition}"
 
 
 def _curve_panel(ax: object, points: pd.DataFrame, metric: str, title: str) -> None:
@@ -113,9 +128,11 @@ def resources_figure(table: pd.DataFrame, group: Mapping[str, object]) -> Figure
     x = np.arange(len(cells))
     figure = new_figure(11, 4.5)
     params, memory = figure.subplots(1, 2)
-    params.bar(x, cells["params_total_mean"], color="none", edgecolor="grey", label="total")
-    params.bar(x, cells["params_trainable_mean"], color=colors, label="trainable")
-    params.set_title("parameters")
+    params.bar(x, cells["params_total_max"], color="none", edgecolor="grey", label="total")
+    params.bar(x, cells["params_trainable_max"], color=colors, label="trainable",
+               yerr=[cells["params_trainable_max"] - cells["params_trainable_min"],
+                     0 * cells["params_trainable_max"]], capsize=4)
+    params.set_title("parameters (a range: bar at the largest, whisker to the smallest)")
     params.legend()
     kind = ",".join(sorted({k for k in cells["peak_memory_kind"] if k})) or "unknown kind"
     memory.bar(x, cells["peak_memory_bytes_mean"] / 2**20, color=colors,
@@ -126,7 +143,7 @@ def resources_figure(table: pd.DataFrame, group: Mapping[str, object]) -> Figure
         for i, n in enumerate(cells["n_done"]):
             if n == 0:
                 ax.text(i, 0, "missing", ha="center", va="bottom", color="red")
-    figure.suptitle(" / ".join(str(v) for v in group.values()) + ": model size and peak memory")
+    figure.suptitle(group_label(group) + ": model size and peak memory")
     return figure
 
 

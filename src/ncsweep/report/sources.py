@@ -39,8 +39,10 @@ EXTRA_COLUMNS = ("reason", "source", "variant", "diverged", "last_epoch",
 HISTORY_ID = ("name", "run_key", "path", "status", "dataset", "arch", "loss", "head",
               "embedding", "feature_dim", "num_classes", "dim", "seed", "optim")
 RUN_MARKERS = (RUN_FILE, CONFIG_FILE, SUMMARY_FILE, FAILED, RunFolder.ATTEMPT_FILE)
-SETTING_KEYS = ("seed", "head", "dim", "name", "logger", "launcher", "trainer.resume",
-                "trainer.progress", "trainer.device")
+NOT_VARIANT = ("seed", "head", "dim", "name", "logger", "launcher", "trainer.resume",
+               "trainer.progress", "trainer.device", "dataset", "arch", "loss", "optim",
+               "schedule", "experiment")
+NOT_VARIANT_PREFIXES = ("hydra.", "logger.", "launcher.")
 INT_COLUMNS = ("feature_dim", "num_classes", "seed", "epoch", "step", "last_epoch",
                "epochs_to_full_train_acc", "params_total", "params_trainable", "epochs",
                "peak_memory_bytes", "train_memory_bytes", "resumed_from_epoch", "n_per_class")
@@ -242,7 +244,7 @@ def from_wandb_record(record: Mapping, path: str, source: str, unfinished: str,
         status, reason = _wandb_status(state, unfinished)
     row = _wandb_identity(config, summary)
     row.update(path=path, status=status, reason=reason, source=source)
-    return _finish(row, summary, history)
+    return _finish(row, summary, history, summary.get("overrides"))
 
 
 def _wandb_status(state: str | None, unfinished: str) -> tuple[str, str]:
@@ -318,11 +320,21 @@ def _wandb_identity(config: Mapping, summary: Mapping) -> dict:
 
 
 def _variant(overrides: Any, key: str | None) -> str:
-    """The overrides other than the table's own settings: runs in one cell should share them."""
+    """The overrides that change the experiment, space-separated: all but seed, head and dim.
+
+    Dropped too: choices run.json records as columns (dataset, arch, loss, optim, schedule,
+    experiment) and keys that do not change what is trained (name, logger, launcher, hydra.*,
+    trainer.resume, trainer.progress, trainer.device). A leading ``+`` is dropped, so
+    ``+dataset.imbalance=exp`` and ``dataset.imbalance=exp`` are one variant.
+    """
     items = list(overrides) if isinstance(overrides, list) else (key or "").split(",")
-    kept = sorted(o for o in items if "=" in o and o.split("=", 1)[0].lstrip("+~")
-                  not in SETTING_KEYS)
-    return ",".join(kept)
+    kept = sorted({str(o).lstrip("+") for o in items if _changes_experiment(str(o))})
+    return " ".join(kept)
+
+
+def _changes_experiment(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+")
+    return bool(key) and key not in NOT_VARIANT and not key.startswith(NOT_VARIANT_PREFIXES)
 
 
 def _epochs_to_full(history: list[dict]) -> float | None:

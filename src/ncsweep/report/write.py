@@ -19,15 +19,19 @@ from ncsweep.report.claims import (
     COLLAPSE_FLOOR,
     COLLAPSE_REL_TOL,
     DEFAULT_GROUP_BY,
+    NONE,
     ROWSPACE_METRICS,
     TOLERANCE_PTS,
     claim_verdicts,
     claims_table,
     epochs_text,
-    mixed_cells,
     not_averaged,
     other_settings,
+    params_text,
+    repeated_seeds,
+    row_keys,
     setting_name,
+    shown_counts,
     ufm_suspects,
     ufm_table,
 )
@@ -45,15 +49,23 @@ STATUS_ORDER = ("done", "failed", "running", "dry_run", "unreadable")
 
 
 def groups_of(table: pd.DataFrame, group_by: Sequence[str]) -> list[dict]:
-    """The (dataset, arch, loss)-style groups of a claims table, in table order."""
-    keys = list(group_by)
+    """The sections of a claims table, in table order: group values and condition."""
+    keys = row_keys(table, group_by)
     unique = table[keys].drop_duplicates().itertuples(index=False, name=None)
     return [dict(zip(keys, values, strict=True)) for values in unique]
 
 
 def slug(group: dict) -> str:
-    """A file-name-safe name for a group, e.g. ``digits-mlp-ce``."""
-    return _SLUG.sub("_", "-".join(str(v) for v in group.values())).strip("_") or "all"
+    """A file-name-safe name for a section, e.g. ``digits-mlp-ce`` (a "none" condition left out)."""
+    values = [v for k, v in group.items() if not (k == "condition" and v == NONE)]
+    return _SLUG.sub("_", "-".join(str(v) for v in values)).strip("_") or "all"
+
+
+def section_title(group: dict, siblings: int = 1) -> str:
+    """``dataset=digits / arch=mlp / loss=ce: exp``; "none" is named only among siblings."""
+    title = " / ".join(f"{k}={v}" for k, v in group.items() if k != "condition")
+    condition = group.get("condition", NONE)
+    return title if condition == NONE and siblings < 2 else f"{title}: {condition}"
 
 
 def make_figures(runs: pd.DataFrame, history: pd.DataFrame, table: pd.DataFrame,
@@ -112,7 +124,8 @@ _ROWS = {
     "NC3 (end)": lambda c: _sci(c, "nc3"),
     "NC4 (end)": lambda c: _sci(c, "nc4"),
     "NC4 on the test set (nc4_test, end)": lambda c: _sci(c, "nc4_test"),
-    "trainable params": lambda c: _count(c["params_trainable_mean"]),
+    "trainable params": lambda c: params_text(c, "params_trainable"),
+    "total params": lambda c: params_text(c, "params_total"),
     "trainable params saved": lambda c: _signed(c["params_trainable_saved_pct"], ".1f", "%"),
     "peak memory, MiB": lambda c: _memory(c),
     "peak memory saved": lambda c: _signed(c["peak_memory_bytes_saved_pct"], ".1f", "%"),
@@ -157,10 +170,6 @@ def _sci(cell: pd.Series, metric: str) -> str:
 
 def _signed(value: float, spec: str, unit: str = "") -> str:
     return "-" if _nan(value) else f"{value:+{spec}}{unit}"
-
-
-def _count(value: float) -> str:
-    return "-" if _nan(value) else f"{value:,.0f}"
 
 
 def _mib(cell: pd.Series, metric: str) -> str:
@@ -223,9 +232,11 @@ def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
                     verdicts: pd.DataFrame, figure_names: Sequence[str],
                     group_by: Sequence[str]) -> None:
     doc.heading(2, "Claims: a fixed simplex-ETF head at d = K against a learned head at large d")
-    doc.paragraph("Baseline: a learned head at the largest d of the group. \"d=K\" means "
+    doc.paragraph("Baseline: a learned head at the largest d of the condition. \"d=K\" means "
                   "feature_dim equals num_classes. Cells are mean ± std over seeds (ddof=1) of "
-                  "finished runs at the end of training; NC2 is `nc2_m` (class means against "
+                  "finished runs at the end of training; parameter counts are the one value "
+                  "of the cell's runs, or the range min-max they span, never a mean; "
+                  "NC2 is `nc2_m` (class means against "
                   "the simplex ETF); accuracies are in percent, differences in points. "
                   "Collapse: NC1, NC2 (nc2_m) and NC3 are each judged against the baseline, and "
                   "for the frozen ETF head also their row-space variants (features projected "
@@ -234,13 +245,18 @@ def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
                   f"{COLLAPSE_FLOOR:g}. Memory: the CUDA peak where both sides ran on a GPU, "
                   "else train_memory_bytes (parameters, gradients, optimizer state and saved "
                   "activations of one step).")
-    for note in mixed_cells(runs, group_by):
+    doc.paragraph(CONDITIONS_TEXT)
+    _accounting(doc, runs, table, group_by)
+    for note in repeated_seeds(runs, group_by):
         doc.warning(note)
     others = other_settings(runs, group_by)
     if others:
         doc.paragraph(f"Finished runs in other settings, not in the table: {', '.join(others)}.")
-    for group in groups_of(table, group_by):
-        title = " / ".join(f"{k}={v}" for k, v in group.items())
+    sections = groups_of(table, group_by)
+    for group in sections:
+        siblings = sum(all(other[k] == v for k, v in group.items() if k != "condition")
+                       for other in sections)
+        title = section_title(group, siblings)
         doc.heading(3, title)
         mask = (verdicts[list(group)] == pd.Series(group)).all(axis=1)
         doc.bullets(list(verdicts.loc[mask, "text"]))
@@ -255,6 +271,38 @@ def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
             name = f"{prefix}-{slug(group)}.png"
             if name in figure_names:
                 doc.image(name, f"{title}: {alt}")
+
+
+CONDITIONS_TEXT = (
+    "A cell averages only runs that differ in nothing but the seed. Runs that differ in anything "
+    "else they record are separate sections (conditions), named by what tells them apart (e.g. "
+    "`dataset.imbalance=exp`; \"none\" where none of those values is set): the overrides of "
+    "the job other than seed, head and dim (the `variant` column of runs.csv; name, logger, "
+    "launcher, hydra.*, trainer.resume, trainer.progress and trainer.device do not change the "
+    "experiment), num_classes, and every text or yes/no value of run.json and summary.json "
+    "(dataset, optim, schedule, embedding, data variant, weights, freeze, ...), bookkeeping "
+    "such as paths, status and device aside. A missing value is a value of its own (\"none\"); "
+    "only a head option a head does not have (the ETF embedding on a learned head) and values a "
+    "run that did not finish never recorded match any condition.")
+
+
+def _accounting(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
+                group_by: Sequence[str]) -> None:
+    """Where every finished run is shown, so the counts add up to the header's."""
+    counts = shown_counts(runs, group_by)
+    sections = len(groups_of(table, group_by))
+    parts = [f"{counts['table']} in the claims tables below ({sections} "
+             f"section{'s' if sections != 1 else ''})"]
+    if counts["other"]:
+        parts.append(f"{counts['other']} in other head x d settings (named below)")
+    if counts["ufm"]:
+        parts.append(f"{counts['ufm']} UFM runs (their own section)")
+    text = f"Of the {counts['done']} finished runs: {', '.join(parts)}."
+    if counts["repeated"]:
+        text += (f" {counts['repeated']} of them fit more than one condition and are shown in "
+                 "each (a learned-head baseline serves every ETF condition that differs only in "
+                 "the ETF head's options).")
+    doc.paragraph(text)
 
 
 def _ufm_section(doc: Document, runs: pd.DataFrame, has_figure: bool) -> None:
