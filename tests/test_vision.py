@@ -427,9 +427,14 @@ def test_imbalance_profiles(profile: str) -> None:
     assert counts[0] == 100 and counts[-1] == 10
     if profile == "exp":
         assert all(a > b for a, b in itertools.pairwise(counts))
-        assert counts[5] == int(100 * 10 ** (-5 / 9))
+        assert counts[5] == round(100 * 10 ** (-5 / 9))
     else:
         assert counts == [100] * 5 + [10] * 5
+    # 139 available at ratio 10: n_min = 13 and n_max = 130 realise the ratio exactly
+    uneven = D.imbalance_counts([139] * 9 + [150], profile, 10.0)
+    assert uneven[0] == 130 and uneven[-1] == 13
+    with pytest.raises(ConfigError, match=r"^dataset\.imbalance_ratio=140\.0 is not allowed"):
+        D.imbalance_counts([139] * K, profile, 140.0)
     split = D.make_imbalanced(_toy_split(100), K, profile, 10.0, 0.5, np.random.default_rng(3))
     assert torch.bincount(split.labels, minlength=K).tolist() == counts
 

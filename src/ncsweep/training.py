@@ -103,40 +103,124 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_size: int,
              max_feature_bytes: int) -> Row:
-    """Train/test loss and accuracy, the NC metrics of the train features, and ``nc4_test``."""
+    """Train/test loss and accuracy, the NC metrics of the train features, and ``nc4_test``.
+
+    Under label noise or random labels (``Split.clean_labels`` set), from the same passes:
+    every NC key against the clean labels (suffix ``_clean``, ``nc4_test_clean`` included),
+    ``train_acc_clean`` (argmax of W h + b against the clean labels) and ``memorization`` (of
+    the train samples whose label differs from the clean one, the share predicted as that
+    noisy label; left out when no label differs). The clean-label NC state is a second
+    accumulator, and the two share ``max_feature_bytes``. With minority classes
+    (``DataBundle.minority_classes``, set by an imbalance): ``minority_collapse`` (the mean
+    cosine over the pairs k < l of minority rows w_k, w_l of W; left out with fewer than two
+    minority classes), ``test_acc_class_<k>`` for every class k with test samples and
+    ``test_acc_minority``, ``test_acc_majority`` (accuracy over the test samples of those
+    classes).
+    """
     was_training = model.training
     model.eval()
-    accumulator = NCAccumulator(data.num_classes, max_feature_bytes=max_feature_bytes)
-    row = _split_metrics(model, loss_fn, data.train, eval_batch_size, "train", accumulator)
+    train = data.train
+    budget = max_feature_bytes // 2 if train.clean_labels is not None else max_feature_bytes
+    accumulator = NCAccumulator(data.num_classes, max_feature_bytes=budget)
+    clean = NCAccumulator(data.num_classes, max_feature_bytes=budget) \
+        if train.clean_labels is not None else None
+    row = _split_metrics(model, loss_fn, train, eval_batch_size, "train", accumulator,
+                         clean=clean)
     weight, bias = model.head.weight, model.head.bias
-    if accumulator.needs_second_pass:
-        for x, y in batches(data.train, eval_batch_size):
-            accumulator.update_predictions(model.backbone(x), y, weight, bias)
+    pending = [(acc, labels) for acc, labels in ((accumulator, train.labels),
+                                                 (clean, train.clean_labels))
+               if acc is not None and acc.needs_second_pass]
+    if pending:
+        start = 0
+        for x, y in batches(train, eval_batch_size):
+            features = model.backbone(x)
+            for acc, labels in pending:
+                acc.update_predictions(features, labels[start:start + y.numel()], weight, bias)
+            start += y.numel()
     row.update(accumulator.compute(weight, bias))
+    if clean is not None:
+        row.update({f"{key}_clean": value for key, value in clean.compute(weight, bias).items()})
+    minority = data.minority_classes
     if data.test is not None:
-        heldout = HeldOutNC4(accumulator, weight, bias)
+        heldout = [HeldOutNC4(acc, weight, bias) for acc in (accumulator, clean)
+                   if acc is not None]
         row.update(_split_metrics(model, loss_fn, data.test, eval_batch_size, "test",
-                                  heldout=heldout))
-        row["nc4_test"] = heldout.compute()
+                                  heldout=heldout, minority=minority))
+        row["nc4_test"] = heldout[0].compute()
+        if clean is not None:
+            row["nc4_test_clean"] = heldout[1].compute()
+    if minority is not None and len(minority) >= 2:
+        row["minority_collapse"] = minority_collapse(weight, minority)
     model.train(was_training)
     return row
 
 
+def minority_collapse(weight: torch.Tensor, minority: Sequence[int]) -> float:
+    """Mean pairwise cosine of the minority classes' classifier rows (1: collapsed, Fang et al.)."""
+    rows = weight.detach()[torch.as_tensor(list(minority), device=weight.device)].double()
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    cosines = unit @ unit.T
+    pairs = torch.triu_indices(len(minority), len(minority), offset=1, device=weight.device)
+    return cosines[pairs[0], pairs[1]].mean().item()
+
+
 def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batch_size: int,
                    prefix: str, accumulator: NCAccumulator | None = None,
-                   heldout: HeldOutNC4 | None = None) -> Row:
-    loss_sum = torch.zeros((), dtype=torch.float64, device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+                   heldout: Sequence[HeldOutNC4] = (), clean: NCAccumulator | None = None,
+                   minority: Sequence[int] | None = None) -> Row:
+    """Loss and accuracy of one split; the clean-label and per-class tallies where asked."""
+    device = split.labels.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    noisy = split.clean_labels is not None
+    tally = torch.zeros(3, dtype=torch.long, device=device)  # clean-correct, flipped, memorised
+    k = model.head.weight.shape[0]
+    per_class = torch.zeros((2, k), dtype=torch.long, device=device)  # correct, count
+    start = 0
     for x, y in batches(split, eval_batch_size):
         features, logits = model.features_and_logits(x)
+        predicted = logits.argmax(dim=1)
         if accumulator is not None:
             accumulator.update(features, y)
-        if heldout is not None:
-            heldout.update(features)
+        for held in heldout:
+            held.update(features)
         loss_sum += loss_fn(logits, y).double() * y.numel()
-        correct += (logits.argmax(dim=1) == y).sum()
+        hit = predicted == y
+        correct += hit.sum()
+        if noisy:
+            true = split.clean_labels[start:start + y.numel()]
+            if clean is not None:
+                clean.update(features, true)
+            flipped = y != true
+            tally += torch.stack([(predicted == true).sum(), flipped.sum(),
+                                  (flipped & hit).sum()])
+        if minority is not None:
+            per_class[0] += torch.bincount(y[hit], minlength=k)
+            per_class[1] += torch.bincount(y, minlength=k)
+        start += y.numel()
     n = len(split)
-    return {f"{prefix}_loss": loss_sum.item() / n, f"{prefix}_acc": correct.item() / n}
+    row = {f"{prefix}_loss": loss_sum.item() / n, f"{prefix}_acc": correct.item() / n}
+    if noisy:
+        clean_correct, flipped, memorised = tally.tolist()
+        row[f"{prefix}_acc_clean"] = clean_correct / n
+        if flipped:
+            row["memorization"] = memorised / flipped
+    if minority is not None:
+        row.update(_class_accuracies(prefix, per_class.tolist(), minority))
+    return row
+
+
+def _class_accuracies(prefix: str, per_class: list[list[int]], minority: Sequence[int]) -> Row:
+    """``<prefix>_acc_class_<k>`` per class with samples, and over minority and majority."""
+    correct, count = per_class
+    pairs = enumerate(zip(correct, count, strict=True))
+    row = {f"{prefix}_acc_class_{k}": c / n for k, (c, n) in pairs if n}
+    groups = {"minority": set(minority), "majority": set(range(len(count))) - set(minority)}
+    for name, classes in groups.items():
+        total = sum(count[k] for k in classes)
+        if total:
+            row[f"{prefix}_acc_{name}"] = sum(correct[k] for k in classes) / total
+    return row
 
 
 @dataclass

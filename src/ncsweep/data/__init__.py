@@ -1,9 +1,11 @@
 """Data sets as in-memory tensors, and the batching that feeds them to a model on any device.
 
 - ``containers``: :class:`Split`, :class:`DataBundle` and :func:`batches`;
-- ``tabular``: scikit-learn's digits, a Gaussian mixture, the UFM's sample indices;
+- ``tabular``: scikit-learn's digits, a Gaussian mixture, the UFM's sample indices (one count
+  per class, or one for all);
 - ``images`` and ``files``: torchvision's image sets read offline, ImageFolder trees;
-- ``variants``: class subsets, subsampling, imbalance, label noise and random labels.
+- ``variants``: class subsets, subsampling, imbalance, label noise and random labels, one
+  implementation for every data set with inputs, with what was realised in ``info``.
 
 Every builder returns a :class:`DataBundle`; its ``num_classes`` and ``input_shape`` are checked
 against what the config declared, so a dry run can size a model without the data.
@@ -16,9 +18,11 @@ from ncsweep.data.tabular import load_digits, make_synthetic, make_ufm
 from ncsweep.data.variants import (
     IMBALANCE_PROFILES,
     NOISE_KINDS,
+    Variants,
     add_label_noise,
     imbalance_counts,
     make_imbalanced,
+    minority_classes,
     noise_rate,
     randomise_labels,
     select_classes,
@@ -27,7 +31,8 @@ from ncsweep.data.variants import (
 
 __all__ = [
     "FORMATS", "IMBALANCE_PROFILES", "NOISE_KINDS", "DataBundle", "DatasetNotFound",
-    "FileSource", "ImageView", "Split", "add_label_noise", "batches", "imbalance_counts",
-    "load_digits", "load_images", "make_imbalanced", "make_synthetic", "make_ufm", "noise_rate",
-    "randomise_labels", "select_classes", "subsample_per_class",
+    "FileSource", "ImageView", "Split", "Variants", "add_label_noise", "batches",
+    "imbalance_counts", "load_digits", "load_images", "make_imbalanced", "make_synthetic",
+    "make_ufm", "minority_classes", "noise_rate", "randomise_labels", "select_classes",
+    "subsample_per_class",
 ]

@@ -57,7 +57,11 @@ class Split:
 
 @dataclass
 class DataBundle:
-    """A train split, an optional test split, and what the model needs to know about them."""
+    """A train split, an optional test split, and what the model needs to know about them.
+
+    ``minority_classes`` are the classes an imbalance made minorities (None when balanced):
+    the eval points measure their collapse (see ``ncsweep.data.variants``).
+    """
 
     name: str
     num_classes: int
@@ -65,12 +69,13 @@ class DataBundle:
     train: Split
     test: Split | None
     info: dict = field(default_factory=dict)
+    minority_classes: list[int] | None = None
 
     def to(self, device: torch.device) -> DataBundle:
         """The bundle with both splits on ``device``."""
         test = self.test.to(device) if self.test is not None else None
         return DataBundle(self.name, self.num_classes, self.input_shape, self.train.to(device),
-                          test, self.info)
+                          test, self.info, self.minority_classes)
 
 
 def check_declared(name: str, key: str, declared: Sequence[int] | int,

@@ -18,16 +18,7 @@ import torch
 from ncsweep.config import ConfigError
 from ncsweep.data.containers import DataBundle, Split, check_declared
 from ncsweep.data.files import LAYOUTS, DatasetNotFound, read_small
-from ncsweep.data.variants import (
-    DrawSeeds,
-    add_label_noise,
-    check_options,
-    make_imbalanced,
-    noise_rate,
-    randomise_labels,
-    select_classes,
-    subsample_per_class,
-)
+from ncsweep.data.variants import Variants
 
 FORMATS = (*LAYOUTS, "image_folder")
 
@@ -130,21 +121,14 @@ def load_images(name: str, format: str, num_classes: int, input_shape: Sequence[
                 size: int | None = None, channels: int | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 augment: bool = False, crop_padding: int = 4, flip: bool = True,
-                classes: Sequence[int] | None = None, samples_per_class: int | None = None,
-                test_samples_per_class: int | None = None, random_labels: bool = False,
-                imbalance: str | None = None, imbalance_ratio: float = 100.0,
-                imbalance_minority_fraction: float = 0.5, label_noise: str | None = None,
-                label_noise_rate: float = 0.0, seed: int = 0, test: bool = True,
-                num_workers: int = 4) -> DataBundle:
+                test: bool = True, num_workers: int = 4, **variants: Any) -> DataBundle:
     """A torchvision image data set read offline from ``root``, with the papers' variations.
 
     Small sets (MNIST, FashionMNIST, CIFAR-10/100, SVHN, STL-10) are decoded once into uint8
     tensors and batched on the device; ``format=image_folder`` (ImageNet and the like) is read
     by DataLoader workers from ``root/folder/{train,val}``. ``mean`` and ``std`` (per channel,
-    of the train images in [0, 1]) are required. On the train split, in this order: a class
-    subset (``classes``, relabelled 0..K'-1), a balanced subsample (``samples_per_class``), a
-    long-tailed profile (``imbalance``), then random labels or label noise; the clean labels
-    stay in ``Split.clean_labels``. All draws come from ``seed``.
+    of the train images in [0, 1]) are required. ``variants`` are the options of
+    ``ncsweep.data.variants.Variants`` (class subset, subsample, imbalance, label noise).
     """
     if format not in FORMATS:
         raise ConfigError("dataset.format", format, "one of " + ", ".join(FORMATS))
@@ -152,8 +136,8 @@ def load_images(name: str, format: str, num_classes: int, input_shape: Sequence[
         if not value:
             raise ConfigError(key, value, "per-channel values of the train images in [0, 1] "
                                           "(1 or C numbers)")
-    check_options(imbalance, imbalance_ratio, imbalance_minority_fraction, label_noise,
-                  label_noise_rate, random_labels)
+    options = Variants.from_options(variants)
+    options.check(num_classes)
     base = Path(os.path.expanduser(str(root))).resolve()
     if format == "image_folder":
         train, test_split, native_classes, native_channels, native_size = _image_folder(
@@ -182,42 +166,11 @@ def load_images(name: str, format: str, num_classes: int, input_shape: Sequence[
     if test_split is not None:
         test_split.view = view
 
-    draws = DrawSeeds(seed)
-    if classes is not None:
-        train = select_classes(train, classes, native_classes)
-        test_split = select_classes(test_split, classes, native_classes) \
-            if test_split is not None else None
-        native_classes = len(classes)
-    check_declared(name, "num_classes", num_classes, native_classes)
-    if samples_per_class is not None:
-        train = subsample_per_class(train, samples_per_class, num_classes, draws("subsample"))
-    if test_samples_per_class is not None and test_split is not None:
-        test_split = subsample_per_class(test_split, test_samples_per_class, num_classes,
-                                         draws("test_subsample"),
-                                         key="dataset.test_samples_per_class")
-    if imbalance is not None:
-        train = make_imbalanced(train, num_classes, imbalance, imbalance_ratio,
-                                imbalance_minority_fraction, draws("imbalance"))
-    if random_labels:
-        train.clean_labels = train.labels
-        train.labels = randomise_labels(train.labels, num_classes, draws("random_labels"))
-    elif label_noise is not None:
-        train.clean_labels = train.labels
-        train.labels = add_label_noise(train.labels, num_classes, label_noise,
-                                       label_noise_rate, draws("label_noise"))
-    counts = torch.bincount(train.labels.cpu(), minlength=num_classes)
-    info = {
-        "data_root": str(base), "n_train": len(train),
-        "n_test": len(test_split) if test_split is not None else 0,
-        "train_class_count_min": int(counts.min()), "train_class_count_max": int(counts.max()),
-        "augment": bool(augment), "classes": list(classes) if classes is not None else None,
-        "samples_per_class": samples_per_class, "imbalance": imbalance,
-        "imbalance_ratio": float(imbalance_ratio) if imbalance else None,
-        "random_labels": bool(random_labels), "label_noise": label_noise,
-        "label_noise_rate": float(label_noise_rate) if label_noise else None,
-        "label_noise_actual": noise_rate(train), "data_seed": seed,
-    }
-    return DataBundle(name, num_classes, tuple(input_shape), train, test_split, info)
+    train, test_split, info = options.apply(name, train, test_split, native_classes,
+                                            num_classes)
+    info = {"data_root": str(base), "augment": bool(augment), **info}
+    return DataBundle(name, num_classes, tuple(input_shape), train, test_split, info,
+                      info["minority_classes"])
 
 
 def _resize(x: torch.Tensor, size: int | None, chunk: int = 4096) -> torch.Tensor:

@@ -18,21 +18,29 @@ class UFMFeatures(Backbone):
     plus ``penalty`` = (lambda_w/2)||W||^2 + (lambda_h/2)||H||^2 + (lambda_b/2)||b||^2, so the
     optimiser's own weight decay must be 0. Each eval point adds the objective, its gap to
     the closed-form optimum and the gradient norm; the end of a run adds the Hessian probe.
+    ``n_per_class`` is one count for all classes or one per class (as ``dataset.n_per_class``);
+    the closed form is that of balanced classes, so with unequal counts the objective's
+    optimum and gap are left out, never estimated.
     """
 
     def __init__(self, input_shape: Sequence[int], feature_dim: int, num_classes: int,
-                 n_per_class: int, lambda_w: float = 5e-3, lambda_h: float = 5e-3,
+                 n_per_class: int | Sequence[int], lambda_w: float = 5e-3, lambda_h: float = 5e-3,
                  lambda_b: float = 0.0, init_std: float = 1.0, dtype: str = "float64",
                  probe_grad_tol: float = 1e-6, probe_gap_tol: float = 1e-6,
                  probe_eig_tol: float = 1e-8) -> None:
+        from ncsweep.data.tabular import class_counts
+
         super().__init__()
-        self.num_classes, self.n_per_class = num_classes, n_per_class
+        counts = class_counts(n_per_class, num_classes)
+        self.num_classes, self.class_counts = num_classes, counts
+        self.n_per_class = counts[0] if len(set(counts)) == 1 else None
         self.lambdas = (lambda_w, lambda_h, lambda_b)
         self.dtype = getattr(torch, dtype)
-        n = num_classes * n_per_class
+        n = sum(counts)
         scale = init_std / math.sqrt(feature_dim)
         self.features = nn.Parameter(scale * torch.randn(n, feature_dim, dtype=self.dtype))
-        self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(n_per_class))
+        self.register_buffer("labels",
+                             torch.arange(num_classes).repeat_interleave(torch.tensor(counts)))
         self.register_buffer("all_rows", torch.arange(n), persistent=False)
         self._optimum: dict[tuple[str, bool], float] = {}
         self.tolerances = (probe_grad_tol, probe_gap_tol, probe_eig_tol)
@@ -58,10 +66,13 @@ class UFMFeatures(Backbone):
         return (head.weight, self.features, head.bias, self.labels, loss_fn.name, *self.lambdas)
 
     def optimum(self, head: nn.Module, loss_fn: nn.Module) -> float | None:
-        """f* from the closed form; None where the head is frozen (then f* is not the UFM's)."""
+        """f* from the closed form; None where the head is frozen or the classes are unequal.
+
+        A frozen head's f* is not the UFM's; unequal counts have no closed form here.
+        """
         from ncsweep.theory import ufm_optimum
 
-        if not head.weight.requires_grad:
+        if not head.weight.requires_grad or self.n_per_class is None:
             return None
         key = (loss_fn.name, head.bias is not None)
         if key not in self._optimum:
