@@ -26,9 +26,11 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision
+from omegaconf import OmegaConf
 from torch import nn
 
-from ncsweep.data import NORMALISATION, ImageView, Split, batches
+from ncsweep.app import conf_dir
+from ncsweep.data import ImageView, Split, batches
 from ncsweep.heads import ETFHead, LearnedHead
 from ncsweep.losses import CrossEntropy
 from ncsweep.memory import read_peak, reset_peak
@@ -69,7 +71,8 @@ def time_steps(args: argparse.Namespace, device: torch.device) -> dict:
     n = args.batch * args.steps
     images = torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8, device=device)
     labels = torch.randint(K, (n,), device=device)
-    mean, std = NORMALISATION["cifar10"]
+    declared = OmegaConf.load(conf_dir() / "dataset" / "cifar10.yaml")
+    mean, std = list(declared.mean), list(declared.std)
     view = ImageView(mean, std, 3)
     split = Split(images, labels, view=view)
     floats = view(images)  # the bare loop gets its inputs ready-made
