@@ -26,6 +26,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -82,16 +83,8 @@ def ufm_objective(
     return value
 
 
-def _validate(
-    num_classes: int,
-    dim: int,
-    n_per_class: int,
-    loss: str,
-    lambda_w: float,
-    lambda_h: float,
-    lambda_b: float,
-    bias: bool,
-) -> None:
+def _validate(num_classes: int, dim: int, n_per_class: int, loss: str, lambda_w: float,
+              lambda_h: float, lambda_b: float, bias: bool) -> None:
     """Reject sizes, penalties and loss/bias combinations that have no closed form here."""
     _loss_fn(loss)
     if num_classes < 2 or dim < 1 or n_per_class < 1:
@@ -136,17 +129,9 @@ def _orthogonal_frame_directions(num_classes: int, dim: int) -> torch.Tensor:
     return torch.eye(num_classes, dim, dtype=torch.float64)
 
 
-def ufm_optimum(
-    num_classes: int,
-    dim: int,
-    n_per_class: int,
-    loss: str,
-    lambda_w: float,
-    lambda_h: float,
-    lambda_b: float = 0.0,
-    bias: bool = True,
-    dtype: torch.dtype = torch.float64,
-) -> UFMOptimum:
+def ufm_optimum(num_classes: int, dim: int, n_per_class: int, loss: str, lambda_w: float,
+                lambda_h: float, lambda_b: float = 0.0, bias: bool = True,
+                dtype: torch.dtype = torch.float64) -> UFMOptimum:
     """A closed-form global minimiser of the balanced UFM, to measure a run's gap f - f*.
 
     Raises ValueError where no closed form is covered: MSE with a penalised bias, or a
@@ -342,37 +327,20 @@ def hessian_min_eig(
     return _lanczos_min_eig(hvp, size, device, num_iter, tol, basis_size, generator)
 
 
-def ufm_hessian_min_eig(
-    weight: torch.Tensor,
-    features: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    loss: str,
-    lambda_w: float,
-    lambda_h: float,
-    lambda_b: float,
-    *,
-    num_iter: int = 2000,
-    tol: float = 1e-9,
-    seed: int = 0,
-    basis_size: int = 64,
-    dense_max: int = DENSE_MAX_PARAMS,
-) -> float:
-    """Smallest Hessian eigenvalue of the UFM objective at (W, H, b), over W, H and b if present."""
+def ufm_hessian_min_eig(weight: torch.Tensor, features: torch.Tensor,
+                        bias: torch.Tensor | None, *objective: Any, **probe: Any) -> float:
+    """Smallest Hessian eigenvalue of the UFM objective at (W, H, b), over W, H and b if present.
+
+    ``objective`` is the rest of :func:`ufm_objective`'s arguments (labels, loss and the three
+    lambdas); ``probe`` goes to :func:`hessian_min_eig` (num_iter, tol, seed, basis_size,
+    dense_max).
+    """
+    labels, loss, *lambdas = objective
     _loss_fn(loss)
     labels = labels.to(weight.device)
 
-    def objective(w: torch.Tensor, h: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        b = rest[0] if rest else None
-        return ufm_objective(w, h, b, labels, loss, lambda_w, lambda_h, lambda_b)
+    def fn(w: torch.Tensor, h: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        return ufm_objective(w, h, rest[0] if rest else None, labels, loss, *lambdas)
 
     params = [weight, features] if bias is None else [weight, features, bias]
-    return hessian_min_eig(
-        objective,
-        params,
-        num_iter=num_iter,
-        tol=tol,
-        seed=seed,
-        basis_size=basis_size,
-        dense_max=dense_max,
-    )
+    return hessian_min_eig(fn, params, **probe)
