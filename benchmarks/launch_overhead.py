@@ -2,7 +2,9 @@
 
 Runs the design-card grid (4 tiny digits jobs) through ``launcher=basic`` and, when a cluster
 answers (``SLURM_CONF`` set, e.g. by ``eval "$(launch/local_slurm.sh start | tail -1)"``),
-through ``launcher=slurm``; prints the sweep wall time per job for each and their ratio.
+through ``launcher=slurm``; prints the sweep wall time per job for each and their ratio, then
+what the SLURM path adds per sweep: the preflight (scontrol, sinfo, sacctmgr) and the watcher's
+squeue/sacct polls, timed in this process against the same cluster.
 Also times ``launch/local_slurm.sh start`` when it is asked to bring the cluster up.
 """
 
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,17 +26,58 @@ SLURM = ["launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30"]
 
 
-def sweep(extra: list[str]) -> tuple[float, float, int]:
-    """(sweep wall time, summed in-job wall time, jobs) for one fresh sweep."""
+def sweep(extra: list[str]) -> tuple[float, float, int, list[str], float]:
+    """(sweep wall, summed in-job wall, jobs, SLURM job ids, seconds from last result to exit)."""
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "ncsweep", *GRID, *extra, "name=bench"],
                                 cwd=tmp, capture_output=True, text=True, timeout=900)
-        wall = time.perf_counter() - started
+        wall, ended = time.perf_counter() - started, time.time()
         if result.returncode != 0:
             raise SystemExit(f"sweep failed: {result.stderr[-2000:]}")
         runs = [json.loads(p.read_text()) for p in Path(tmp).glob("multirun/*/*/summary.json")]
-        return wall, sum(r["wall_time_s"] for r in runs), len(runs)
+        jobs_file = Path(tmp, "multirun", "bench", ".ncsweep-jobs.jsonl")
+        ids = ([json.loads(line)["job_id"] for line in jobs_file.read_text().splitlines()]
+               if jobs_file.exists() else [])
+        results = [p.stat().st_mtime for p in Path(tmp).glob("multirun/*/.submitit/*/*_result.pkl")]
+        lag = ended - max(results) if results else 0.0
+        return wall, sum(r["wall_time_s"] for r in runs), len(runs), ids, lag
+
+
+def mean_seconds(call: Callable[[], object], repeats: int = 20) -> float:
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - started) / repeats
+
+
+def polls_per_sweep(wall: float, poll_s: float = 10.0) -> int:
+    """How often the watcher asks squeue/sacct in a sweep of ``wall`` seconds (1, 2, 4 .. s)."""
+    count, elapsed, interval = 0, 0.0, 1.0
+    while elapsed < wall:
+        count, elapsed, interval = count + 1, elapsed + interval, min(interval * 2, poll_s)
+    return count
+
+
+def per_sweep_costs(ids: list[str], wall: float, lag: float) -> None:
+    """The preflight and the watcher's polls, timed here against the same cluster."""
+    from ncsweep import cluster
+    from ncsweep.launcher import _preflight
+
+    params = {"partition": None, "account": None, "qos": None, "timeout_min": 30,
+              "cpus_per_task": 1, "gpus_per_node": "auto", "mem_gb": 1, "tasks_per_node": 1}
+    arrays = ",".join(sorted({i.split("_")[0] for i in ids}))
+    preflight = mean_seconds(lambda: _preflight(dict(params), len(ids)))
+    squeue = mean_seconds(lambda: subprocess.run(
+        ["squeue", "-h", "-r", "-j", arrays, "-o", "%i|%T|%r"], capture_output=True, timeout=30))
+    worst = mean_seconds(lambda: cluster.queue_states(ids), repeats=5)
+    polls = polls_per_sweep(wall)
+    print(f"per sweep: preflight {preflight * 1000:.0f} ms before submitting; watcher "
+          f"{polls} polls in {wall:.0f} s, each one squeue call ({squeue * 1000:.0f} ms, "
+          f"{polls * squeue * 1000:.0f} ms in all, while the jobs run; squeue + sacct "
+          f"{worst * 1000:.0f} ms only when a job leaves the queue without a result); the sweep "
+          f"ended {lag:.2f} s after the last job's result; per job: nothing but one stat() of "
+          "its result file per 0.5 s")
 
 
 def cluster_up() -> bool:
@@ -51,19 +95,20 @@ def cluster_up() -> bool:
 
 def main() -> None:
     have_slurm = cluster_up()
-    wall, inside, jobs = sweep([])
+    wall, inside, jobs, _, _ = sweep([])
     basic = wall / jobs
     print(f"basic launcher: {jobs} jobs in {wall:.1f} s = {basic:.2f} s/job "
           f"(in-job {inside / jobs:.2f} s/job, one process, torch imported once)")
     if not have_slurm:
         print("slurm launcher: skipped (no SLURM_CONF; pass --start to bring up the local cluster)")
         return
-    wall, inside, jobs = sweep(SLURM)
+    wall, inside, jobs, ids, lag = sweep(SLURM)
     per_job = wall / jobs
     print(f"slurm launcher: {jobs} jobs in {wall:.1f} s = {per_job:.2f} s/job "
           f"(in-job {inside / jobs:.2f} s/job, 2 CPUs so 2 jobs at a time)")
     print(f"ratio slurm/basic per job: {per_job / basic:.2f}x; "
           f"overhead per job: {per_job - basic:+.2f} s")
+    per_sweep_costs(ids, wall, lag)
 
 
 if __name__ == "__main__":

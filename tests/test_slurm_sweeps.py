@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ncsweep.cluster import read_partition
+from ncsweep.launcher import AUTO_DEFAULTS
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
 from tests.conftest import ROOT, run_cli, sacct_state
@@ -30,15 +33,64 @@ def summaries(sweep: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
 
 
-def test_design_card_sweep_on_slurm(local_slurm: str, tmp_path: Path) -> None:
-    result = run_cli(["-m", "head=etf,learned", "dim=K,512", *TINY, *ON_CLUSTER, "name=card"],
-                     tmp_path, timeout=400)
+def _array_ids(sweep: Path) -> list[str]:
+    return [json.loads(line)["job_id"]
+            for line in (sweep / ".ncsweep-jobs.jsonl").read_text().splitlines()]
+
+
+def _wait_sacct_final(ids: list[str], limit: float = 60) -> list[str]:
+    """sacct lags the end of a job by 1-2 s: poll until every job has a final state."""
+    deadline = time.monotonic() + limit
+    states = [sacct_state(i) for i in ids]
+    while time.monotonic() < deadline and not all(s.startswith(FINAL) for s in states):
+        time.sleep(0.5)
+        states = [sacct_state(i) for i in ids]
+    return states
+
+
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
+def test_the_readme_cluster_command_runs_as_written(local_slurm: str, tmp_path: Path) -> None:
+    result = run_cli(["-m", "head=etf,learned", "dim=K,512", "launcher=slurm"], tmp_path,
+                     timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = summaries(tmp_path / "multirun" / "card")
+    sweep = tmp_path / "multirun" / "default"
+    runs = summaries(sweep)
     assert {(s["head"], s["feature_dim"]) for s in runs} == {
         ("etf", 10), ("learned", 10), ("etf", 512), ("learned", 512)}
-    assert all(s["status"] == "done" and s["train_acc"] > 0.3 for s in runs)
+    assert all(s["status"] == "done" and s["train_acc"] > 0.9 for s in runs)
     assert "4 done" in result.stdout
+    [resources] = [ln for ln in result.stdout.splitlines() if "job(s) on partition" in ln]
+    cpus = min(AUTO_DEFAULTS["cpus_per_task"], read_partition(None).cpus_max)
+    assert "no GPU" in resources and f"each {cpus} CPU(s)" in resources, resources
+    watch = [ln for ln in result.stdout.splitlines() if re.match(r"ncsweep: slurm: \d+ done", ln)]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (done|running|pending|failed)", watch[-1])}
+    states = _wait_sacct_final(_array_ids(sweep))
+    assert counts == {"done": sum(s.startswith("COMPLETED") for s in states), "running": 0,
+                      "pending": 0, "failed": 0} and counts["done"] == 4, (watch, states)
+
+
+def test_a_cancelled_job_ends_in_the_summary_line_and_resumes(local_slurm: str,
+                                                              tmp_path: Path) -> None:
+    env = {**os.environ, "WANDB_ERROR_REPORTING": "false"}
+    args = [sys.executable, "-m", "ncsweep", "-m", *LONG, *ON_CLUSTER, "name=preempt"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    _wait_for_rows(tmp_path, 4, proc)
+    subprocess.run(["scancel", _running_job_id()], check=True, timeout=30)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
+    [folder] = [RunFolder(p.parent) for p in tmp_path.glob("multirun/preempt/*/run.json")]
+    [line] = [ln for ln in out.splitlines() if ln.startswith("ncsweep: sweep ")]
+    assert line.endswith(": 1 interrupted"), out
+    assert (f"interrupted: {folder.path}: checkpoint saved: re-run the same command to resume"
+            in out)
+    assert folder.last_attempt()["outcome"] == "interrupted"
+    again = run_cli(args[3:], tmp_path, timeout=300)
+    assert again.returncode == 0 and "1 done" in again.stdout, again.stderr[-3000:]
+    assert folder.read_summary()["resumed_from_epoch"] >= 1
 
 
 def _running_job_id() -> str:

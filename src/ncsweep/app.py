@@ -26,8 +26,25 @@ def task(cfg) -> dict:
     return run_job(cfg)
 
 
+SWEEP_LAUNCHERS = ("slurm", "local")
+INSPECTING = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion",
+              "-sc")
+
+
+def launcher_error(args: list[str]) -> str | None:
+    """``launcher=slurm|local`` only means something to a sweep: without ``-m`` say what to type."""
+    if any(a in ("-m", "--multirun") or a in INSPECTING for a in args):
+        return None
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "launcher" and value in SWEEP_LAUNCHERS:
+            return (f"launcher={value} applies to sweeps (-m); a single run without -m runs in "
+                    f"this process. Type: python -m ncsweep -m {' '.join(args)}")
+    return None
+
+
 def main() -> None:
-    """Entry point: one-line errors for bad group choices and dims, then Hydra."""
+    """Entry point: one-line errors for bad group choices, dims and launchers, then Hydra."""
     import hydra
 
     conf = conf_dir()
@@ -37,6 +54,10 @@ def main() -> None:
     except ConfigError as err:
         print(f"ncsweep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    problem = launcher_error(args)
+    if problem:
+        print(f"ncsweep: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     if any(a in ("--cfg", "-c") for a in args) and "--resolve" not in args:
         sys.argv.append("--resolve")
     hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(task)()

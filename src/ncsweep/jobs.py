@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncsweep.config import ConfigError, run_key, validate
 from ncsweep.console import setup_logging
-from ncsweep.tracking import CheckpointError, RunFolder
+from ncsweep.tracking import CheckpointError, RunFolder, write_atomic
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 IDENTITY_GROUPS = ("dataset", "arch", "head", "loss", "optim", "schedule", "launcher",
@@ -253,6 +253,8 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
                    time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
                    samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
     summary.update(run.final_checks(result.final))
+    for name, text in getattr(run.model.backbone, "run_files", dict)().items():
+        write_atomic(folder.file(name), text)
     if summary.get("spurious_minimum_suspect"):
         log.warning("WARNING spurious_minimum_suspect: gradient norm %.2e, objective gap %.2e, "
                     "smallest Hessian eigenvalue %.2e (no negative curvature)",
@@ -279,22 +281,34 @@ def _memory_fields(peak: Any, account: Any) -> dict:
 
 
 class SweepReport(Callback):
-    """At the end of a sweep: how many jobs finished, were skipped or failed, and where."""
+    """At the end of a sweep: how many jobs finished, were skipped, failed or were interrupted."""
+
+    ORDER = ("done", "skipped", "failed", "interrupted")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        if OmegaConf.select(config, "hydra.launcher.detach", default=False):
+            log.info("sweep %s: submitted, detached; `python -m ncsweep.status %s` shows it",
+                     sweep_dir, sweep_dir)
+            return
         outcomes: dict[str, list[str]] = {}
         for attempt in sorted(sweep_dir.glob(f"*/{RunFolder.ATTEMPT_FILE}")):
             folder = RunFolder(attempt.parent)
             last = folder.last_attempt()
             if last and last["time"] >= getattr(self, "started", 0.0):
                 outcomes.setdefault(last["outcome"], []).append(str(folder.path))
-        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(outcomes.items())) or "no jobs"
+        names = [k for k in self.ORDER if k in outcomes] + sorted(set(outcomes) - set(self.ORDER))
+        counts = ", ".join(f"{len(outcomes[k])} {k}" for k in names) or "no jobs"
         log.info("sweep %s: %s", sweep_dir, counts)
         for path in outcomes.get("failed", []):
             log.info("  failed: %s: %s", path, RunFolder(path).failure())
+        for path in outcomes.get("interrupted", []):
+            hint = ("checkpoint saved: re-run the same command to resume"
+                    if RunFolder(path).file("checkpoint.pt").exists()
+                    else "no checkpoint: re-run the same command to start it again")
+            log.info("  interrupted: %s: %s", path, hint)
         if outcomes.get("failed") or outcomes.get("interrupted"):
             raise SystemExit(1)

@@ -7,6 +7,7 @@ through :class:`RunFolder`, so the two can never disagree on a file's layout.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -198,17 +199,59 @@ class WandbMirror:
         self.project, self.entity, self.mode, self.tags = project, entity, mode, list(tags)
         self.run = None
 
+    PROBE_TIMEOUT_S = 4.0
+    INIT_TIMEOUT_S = 6.0
+
     def start(self, run_dir: Path, run_id: str, name: str, group: str, config: Mapping,
               quiet: bool = False) -> None:
+        """Start (or resume) the run; an unreachable server means offline, never a hang."""
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
-        self.run = wandb.init(
-            project=self.project, entity=self.entity, mode=self.mode, tags=self.tags,
+        mode = self.mode
+        settings = {"quiet": True, "silent": quiet}
+        if mode == "online":
+            base_url = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+            problem = self.unreachable(base_url, self.PROBE_TIMEOUT_S)
+            if problem is None:
+                settings["init_timeout"] = self.INIT_TIMEOUT_S
+                try:
+                    self.run = self._init(wandb, mode, run_dir, run_id, name, group, config,
+                                          settings)
+                    return
+                except Exception as err:
+                    problem = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            logging.getLogger(__name__).warning(
+                "WARNING W&B server %s unreachable (%s): logging offline to %s/wandb; "
+                "`python -m ncsweep.sync <sweep folder>` uploads it later",
+                base_url, problem, run_dir)
+            mode = "offline"
+            settings.pop("init_timeout", None)
+        self.run = self._init(wandb, mode, run_dir, run_id, name, group, config, settings)
+
+    def _init(self, wandb: Any, mode: str, run_dir: Path, run_id: str, name: str, group: str,
+              config: Mapping, settings: dict) -> Any:
+        return wandb.init(
+            project=self.project, entity=self.entity, mode=mode, tags=self.tags,
             dir=str(run_dir), id=run_id, name=name, group=group, resume="allow",
             config=_jsonable(config), reinit="finish_previous",
-            settings=wandb.Settings(quiet=True, silent=quiet),
+            settings=wandb.Settings(**settings),
         )
+
+    @staticmethod
+    def unreachable(base_url: str, timeout: float) -> str | None:
+        """Why the W&B server at ``base_url`` cannot be reached within ``timeout``, or None."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(base_url, timeout=timeout):
+                return None
+        except urllib.error.HTTPError:
+            return None
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
 
     def log(self, row: Mapping, step: int) -> None:
         if self.run is not None:

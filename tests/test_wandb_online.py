@@ -1,0 +1,195 @@
+"""W&B online against a real W&B-compatible server on 127.0.0.1 (openwandb, a test-only tool).
+
+The server's own REST API (``/api/v2/runs/<id>/metrics``) is the check: wandb's ``Api()`` read
+queries do not work against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ncsweep.tracking import RunFolder
+from tests.conftest import IN_CI, run_cli
+
+TINY = ["trainer.epochs=4", "trainer.eval_every=2", "arch.width=32", "trainer.progress=false"]
+API_KEY = "k" * 40
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def wandb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One openwandb server for the session, on a free port, stopped at the end."""
+    command = shutil.which("openwandb", path=str(Path(sys.executable).parent)) or shutil.which(
+        "openwandb")
+    if command is None:
+        if IN_CI:
+            pytest.fail("openwandb is not installed (pip install -e '.[dev]')", pytrace=False)
+        pytest.skip("openwandb is not installed (pip install -e '.[dev]')")
+    port = _free_port()
+    data = tmp_path_factory.mktemp("openwandb")
+    log = open(data / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([command, "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--data-dir", str(data / "data")], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            try:
+                _get(f"{url}/api/v2/projects", timeout=2)
+                break
+            except (urllib.error.URLError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"openwandb did not answer: {(data / 'server.log').read_text()}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def online(wandb_server: str) -> dict:
+    return {"WANDB_MODE": "online", "WANDB_BASE_URL": wandb_server, "WANDB_API_KEY": API_KEY}
+
+
+def server_steps(url: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every point the server stored for ``key``, in step order."""
+    try:
+        metrics = _get(f"{url}/api/v2/runs/{run_id}/metrics?key={key}")["metrics"]
+    except urllib.error.HTTPError:
+        return []
+    return sorted((int(m["step"]), float(m["value"])) for m in metrics)
+
+
+def folder_steps(folder: RunFolder, key: str) -> list[tuple[int, float]]:
+    return [(int(r["epoch"]), float(r[key])) for r in folder.read_metrics()]
+
+
+def run_id_of(folder: RunFolder) -> str:
+    """The W&B run id the run used, from its own record file ``run-<id>.wandb``."""
+    ids = {p.name[len("run-"):-len(".wandb")] for p in folder.path.glob("wandb/*/run-*.wandb")}
+    assert len(ids) == 1, ids
+    return ids.pop()
+
+
+def same_points(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
+    """Same steps, each once, and the same values (the server stores float64 of a float32)."""
+    return ([s for s, _ in got] == [s for s, _ in expected]
+            and [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6))
+
+
+def _until(check: Callable[[], bool], limit: float = 30) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.5)
+    return check()
+
+
+def test_an_online_run_logs_every_eval_point(tmp_path: Path, online: dict,
+                                             wandb_server: str) -> None:
+    res = run_cli([*TINY, "name=online"], tmp_path, timeout=180, env=online)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [folder] = [RunFolder(p.parent) for p in tmp_path.glob("outputs/online/*/DONE")]
+    expected = folder_steps(folder, "train_loss")
+    assert [s for s, _ in expected] == [0, 2, 4]
+    got = server_steps(wandb_server, run_id_of(folder), "train_loss")
+    assert same_points(got, expected), (got, expected)
+    assert not list(folder.path.glob("wandb/offline-run-*"))
+
+
+def test_an_unreachable_server_falls_back_to_offline_fast(tmp_path: Path) -> None:
+    with socket.socket() as hole:  # accepts connections, never answers: a hung server
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        env = {"WANDB_MODE": "online", "WANDB_API_KEY": API_KEY,
+               "WANDB_BASE_URL": f"http://127.0.0.1:{hole.getsockname()[1]}"}
+        started = time.monotonic()
+        res = run_cli([*TINY, "name=unreachable"], tmp_path, timeout=180, env=env)
+        slow = time.monotonic() - started
+    assert res.returncode == 0, res.stderr[-3000:]
+    warnings = [ln for ln in res.stderr.splitlines() if "unreachable" in ln]
+    assert len(warnings) == 1 and "logging offline" in warnings[0], res.stderr[-3000:]
+    [folder] = [RunFolder(p.parent) for p in tmp_path.glob("outputs/unreachable/*/DONE")]
+    assert list(folder.path.glob("wandb/offline-run-*"))
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    started = time.monotonic()
+    assert run_cli([*TINY, "name=unreachable"], quick, timeout=180,
+                   env={"WANDB_MODE": "offline"}).returncode == 0
+    assert slow - (time.monotonic() - started) < 12
+
+
+def test_sync_uploads_a_sweeps_offline_runs_once(tmp_path: Path, wandb_server: str) -> None:
+    res = run_cli(["-m", *TINY, "seed=0,1", "name=offline"], tmp_path, timeout=240,
+                  env={"WANDB_MODE": "offline"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep = tmp_path / "multirun" / "offline"
+    folders = [RunFolder(p.parent) for p in sorted(sweep.glob("*/DONE"))]
+    assert len(folders) == 2
+    env = {**os.environ, "WANDB_BASE_URL": wandb_server, "WANDB_API_KEY": API_KEY}
+    command = [sys.executable, "-m", "ncsweep.sync", str(sweep)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 offline run(s) uploaded, 0 already synced" in first.stdout
+    for folder in folders:
+        expected = folder_steps(folder, "train_loss")
+        assert _until(lambda f=folder, e=expected: same_points(
+            server_steps(wandb_server, run_id_of(f), "train_loss"), e))
+    second = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert second.returncode == 0 and "0 offline run(s) uploaded, 2 already synced" in \
+        second.stdout, second.stderr[-3000:]
+    for folder in folders:
+        steps = [s for s, _ in server_steps(wandb_server, run_id_of(folder), "train_loss")]
+        assert steps == [0, 2, 4]
+
+
+@pytest.mark.slurm
+def test_a_preempted_online_run_is_one_run_with_every_step_once(local_slurm: str,
+                                                                tmp_path: Path, online: dict,
+                                                                wandb_server: str) -> None:
+    from tests.test_slurm_sweeps import LONG, ON_CLUSTER, _running_job_id, _wait_for_rows
+
+    overrides = [a for a in LONG if a != "logger=none"]
+    env = {**os.environ, **online, "WANDB_ERROR_REPORTING": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *overrides, *ON_CLUSTER,
+                             "name=preempt"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_rows(tmp_path, 4, proc)
+    subprocess.run(["scancel", "--signal=USR2", _running_job_id()], check=True, timeout=30)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    [folder] = [RunFolder(p.parent) for p in tmp_path.glob("multirun/preempt/*/DONE")]
+    assert folder.read_summary()["resumed_from_epoch"] >= 1
+    expected = folder_steps(folder, "train_loss")
+    got = server_steps(wandb_server, run_id_of(folder), "train_loss")
+    assert same_points(got, expected), (got, expected)
+    runs = _get(f"{wandb_server}/api/v2/projects/default/ncsweep/runs?limit=1000")["runs"]
+    assert [r["run_id"] for r in runs].count(run_id_of(folder)) == 1
