@@ -1,8 +1,10 @@
 """Speed and memory of ncsweep.nc: nc_metrics against one float64 Gram, and streaming state.
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/nc_metrics.py [--overhead]
+Run: PYTHONPATH=src .venv/bin/python benchmarks/nc_metrics.py [--overhead | --large-k]
 Each memory configuration runs in a fresh subprocess so that its peak RSS is its own.
 ``--overhead`` runs only the share of the row-space keys and nc4_test in an eval point.
+``--large-k`` runs only N = 60,000 and 30,000, d = 768, K = 5,000 and 10,000 against the floor
+(one float64 Gram H^T H and two float32 N x K products), several minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ncsweep.nc import HeldOutNC4, NCAccumulator, accumulator, geometry, nc_metrics, tensors
+from ncsweep.nc import HeldOutNC4, NCAccumulator, decisions, geometry, nc_metrics, tensors
 
 N, D, K = 50_000, 512, 10
 N_TEST = 10_000
@@ -112,10 +114,11 @@ def overhead() -> None:
     acc = NCAccumulator(K)
     acc.update(h, y)
     w64, b64, eps = acc._classifier(w, b)
-    space = geometry._rowspace(w64, eps)
+    basis = geometry._rowspace(w64, eps)
     sigma_w = tensors._symmetric_from_upper(acc._scatter) / N
-    full = accumulator._Predictions.build(acc._counts, acc._means, w64, b64)
-    both = accumulator._Predictions.build(acc._counts, acc._means, w64, b64, space)
+    tile = acc._tile()
+    full = decisions._Predictions.build(acc._counts, acc._means, w64, b64, None, tile)
+    both = decisions._Predictions.build(acc._counts, acc._means, w64, b64, basis, tile)
 
     def heldout() -> None:
         test_nc4 = HeldOutNC4(acc, w, b)
@@ -133,7 +136,7 @@ def overhead() -> None:
         med = interleaved_medians({
             "nc_metrics": lambda: nc_metrics(h, y, w, b),
             "geometry": lambda: geometry._rowspace_metrics(
-                acc._counts, acc._means, sigma_w, w64, geometry._rowspace(w64, eps).basis
+                acc._counts, acc._means, sigma_w, w64, geometry._rowspace(w64, eps), tile
             ),
             "nc4 only": lambda: full.mismatches(h),
             "nc4 + nc4_rowspace": lambda: both.mismatches(h),
@@ -221,11 +224,60 @@ def memory() -> None:
             subprocess.run([sys.executable, __file__, "--memory", str(n), str(budget)], check=True)
 
 
+LARGE_D = 768
+LARGE_CONFIGS = ((60_000, 5_000), (30_000, 5_000), (60_000, 10_000), (30_000, 10_000))
+
+
+def float64_gram_seconds(h: torch.Tensor) -> float:
+    """Seconds of one float64 H^T H, the conversion excluded (its copy is freed after)."""
+    h64 = h.double()
+    return timed(lambda: h64.T @ h64)[0]
+
+
+def large_k_point(n: int, k: int) -> None:
+    """One large-K configuration in this process: the floor, then nc_metrics and its peak RSS."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.cat([torch.arange(k), torch.randint(0, k, (n - k,), generator=gen)])
+    centres = torch.randn(k, LARGE_D, generator=gen)
+    h = centres[y] + 2.0 * torch.randn(n, LARGE_D, generator=gen)
+    w, b = torch.randn(k, LARGE_D, generator=gen), torch.randn(k, generator=gen)
+    m32 = centres - centres.mean(dim=0)
+    gram = float64_gram_seconds(h)
+    products = timed(lambda: (h @ w.T, h @ m32.T))[0]
+    floor = gram + products
+    reset_peak_rss()
+    rss_start = vm_kib("VmRSS")
+    wall = timed(lambda: nc_metrics(h, y, w, b))[0]
+    peak = (vm_kib("VmHWM") - rss_start) / 1024
+    print(
+        f"  N={n:>6,} K={k:>6,}: float64 Gram {gram:6.2f} s + two float32 N x K products "
+        f"{products:6.2f} s = floor {floor:6.2f} s | nc_metrics {wall:6.2f} s = "
+        f"{wall / floor:4.2f} x floor (target <= 2) | peak RSS +{peak:6.0f} MiB "
+        f"(features {n * LARGE_D * 4 / 2**20:.0f} MiB, not counted) | load "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+
+def large_k() -> None:
+    print(
+        f"nc_metrics at large K: d={LARGE_D}, float32 features, {torch.get_num_threads()} "
+        f"threads, one fresh process per configuration, peak RSS = VmHWM over VmRSS before "
+        f"nc_metrics"
+    )
+    for n, k in LARGE_CONFIGS:
+        subprocess.run([sys.executable, __file__, "--large-k-point", str(n), str(k)], check=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory"]:
         streaming_memory(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1:2] == ["--overhead"]:
         overhead()
+    elif sys.argv[1:2] == ["--large-k"]:
+        large_k()
+    elif sys.argv[1:2] == ["--large-k-point"]:
+        large_k_point(int(sys.argv[2]), int(sys.argv[3]))
     else:
         speed()
         overhead()

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ncsweep.nc.geometry import (
-    _centred_means,
-    _geometry_metrics,
-    _orthogonal_frame_distance,
-    _RowSpace,
-    _rowspace,
-    _rowspace_metrics,
-)
+from ncsweep import distributed
+from ncsweep.nc.decisions import _Predictions
+from ncsweep.nc.geometry import _geometry_metrics, _rowspace, _rowspace_metrics
+from ncsweep.nc.state import _all_reduce_state, _combine, _State
 from ncsweep.nc.tensors import (
+    CHUNK_ELEMENTS,
     EPS,
     F64,
     UNLIMITED_BYTES,
@@ -25,12 +24,18 @@ from ncsweep.nc.tensors import (
     _check_classifier_shapes,
     _check_labels,
     _check_matrix,
+    _check_tile_size,
     _features,
     _float64_chunks,
     _symmetric_from_upper,
+    default_tile_size,
 )
 
-ROWSPACE_COND_LIMIT = 1e4
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+PASS1_CHUNK_CLASSES = 2
 
 KEYS = (
     "nc1",
@@ -62,6 +67,7 @@ def nc_metrics(
     weight: ArrayLike,
     bias: ArrayLike | None = None,
     num_classes: int | None = None,
+    tile_size: int | None = None,
 ) -> dict[str, float]:
     """All NC metrics of one data set in one call: an accumulator fed a single batch."""
     feats = _as_tensor(features)
@@ -71,68 +77,9 @@ def nc_metrics(
     k = w.shape[0] if num_classes is None else int(num_classes)
     _check_classes(k)
     _check_classifier_shapes(w, None if bias is None else _as_tensor(bias), k, feats.shape[1])
-    acc = NCAccumulator(k, max_feature_bytes=UNLIMITED_BYTES)
+    acc = NCAccumulator(k, max_feature_bytes=UNLIMITED_BYTES, tile_size=tile_size)
     acc._update(feats, labels, copy=False)
     return acc.compute(w, bias)
-
-
-
-
-@dataclass(frozen=True)
-class _Predictions:
-    """Logits and nearest-centre scores of one classifier in one product [W; 2M] h + offsets.
-
-    With a row space, the nearest centre of P_W h is scored too: from the logits as
-    2 (M V_r) coords (W h), which amplifies rounding by s_1 / s_r, while that ratio is at most
-    ROWSPACE_COND_LIMIT; past it, by K more rows 2 M P_W in the product.
-    """
-
-    proj: torch.Tensor
-    offsets: torch.Tensor
-    bias: torch.Tensor
-    from_logits: torch.Tensor | None
-    from_logits_offsets: torch.Tensor | None
-
-    @classmethod
-    def build(
-        cls, counts: torch.Tensor, means: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-        space: _RowSpace | None = None,
-    ) -> _Predictions:
-        """nc4's centres M and, when given W's row space, nc4_rowspace's centres M P_W."""
-        mu_g, m = _centred_means(counts, means)
-        sets = [m]
-        from_logits = from_logits_offsets = None
-        if space is not None:
-            m_r = m @ space.basis
-            offset_r = -m_r.square().sum(dim=1) - 2.0 * (m_r @ (space.basis.T @ mu_g))
-            if space.condition <= ROWSPACE_COND_LIMIT:
-                from_logits, from_logits_offsets = 2.0 * m_r @ space.coords, offset_r[:, None]
-            else:
-                sets.append(m_r @ space.basis.T)
-        proj = torch.cat([w, *(2.0 * c for c in sets)])
-        zero = torch.zeros_like(b)
-        offsets = torch.cat([zero, *(-c.square().sum(dim=1) - 2.0 * (c @ mu_g) for c in sets)])
-        return cls(proj, offsets[:, None], b[:, None], from_logits, from_logits_offsets)
-
-    def mismatches(self, feats: torch.Tensor) -> torch.Tensor:
-        """Per centre set (M, then M P_W), the samples whose argmax W h + b is not the nearest."""
-        k = self.bias.shape[0]
-        groups = self.proj.shape[0] // k
-        count = torch.zeros(groups - 1 + (self.from_logits is not None), dtype=torch.int64,
-                            device=self.proj.device)
-        finite = torch.ones((), dtype=torch.bool, device=self.proj.device)
-        for _, x in _float64_chunks(feats):
-            scores = torch.addmm(self.offsets, self.proj, x.T).view(groups, k, -1)
-            finite &= torch.isfinite(scores).all()
-            predicted = (scores[0] + self.bias).argmax(dim=0)
-            nearest = [scores[1:].argmax(dim=1)]
-            if self.from_logits is not None:
-                rowspace = torch.addmm(self.from_logits_offsets, self.from_logits, scores[0])
-                nearest.append(rowspace.argmax(dim=0)[None])
-            count += (torch.cat(nearest) != predicted).sum(dim=1)
-        if not bool(finite):
-            raise ValueError("features contain NaN or inf")
-        return count
 
 
 @dataclass
@@ -141,19 +88,27 @@ class _Pass2:
 
     weight: torch.Tensor
     bias: torch.Tensor
-    space: _RowSpace | None
+    basis: torch.Tensor | None
     predictions: _Predictions
     mismatches: torch.Tensor
     counts: torch.Tensor
 
 
 class NCAccumulator:
-    """Streaming NC metrics: ``update`` per batch, optional ``update_predictions``, ``compute``."""
+    """Streaming NC metrics: ``update`` per batch, optional ``update_predictions``, ``compute``.
 
-    def __init__(self, num_classes: int, max_feature_bytes: int = 512 * 2**20) -> None:
+    Across ranks: ``update`` with the rank's shard, ``all_reduce()``, the second pass (if
+    ``needs_second_pass``) over the same shard, then ``compute`` on every rank (collective).
+    """
+
+    def __init__(
+        self, num_classes: int, max_feature_bytes: int = 512 * 2**20,
+        tile_size: int | None = None,
+    ) -> None:
         _check_classes(num_classes)
         self.num_classes = int(num_classes)
         self.max_feature_bytes = int(max_feature_bytes)
+        self.tile_size = _check_tile_size(tile_size)
         self._counts: torch.Tensor | None = None
         self._means: torch.Tensor | None = None
         self._sq_dev: torch.Tensor | None = None
@@ -161,6 +116,8 @@ class NCAccumulator:
         self._kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []
         self._kept_bytes = 0
         self._pass2: _Pass2 | None = None
+        self._reduced = False
+        self._group: ProcessGroup | None = None
 
     def update(self, features: ArrayLike, labels: ArrayLike) -> None:
         """Add a batch to pass 1 (counts, class means, within-class scatter), any order or size."""
@@ -179,10 +136,10 @@ class NCAccumulator:
         feats, labs = self._batch(features, labels)
         w, b, weight_eps = self._classifier(weight, bias)
         if self._pass2 is None:
-            space = _rowspace(w, weight_eps)
-            predictions = _Predictions.build(self._counts, self._means, w, b, space)
-            zero = torch.zeros(1 + (space is not None), dtype=torch.int64, device=w.device)
-            self._pass2 = _Pass2(w, b, space, predictions, zero, torch.zeros_like(self._counts))
+            basis = _rowspace(w, weight_eps)
+            predictions = _Predictions.build(self._counts, self._means, w, b, basis, self._tile())
+            zero = torch.zeros(predictions.groups - 1, dtype=torch.int64, device=w.device)
+            self._pass2 = _Pass2(w, b, basis, predictions, zero, torch.zeros_like(self._counts))
         elif not (torch.equal(w, self._pass2.weight) and torch.equal(b, self._pass2.bias)):
             raise ValueError(
                 "update_predictions got a different weight or bias than in its earlier calls; "
@@ -192,21 +149,73 @@ class NCAccumulator:
         self._pass2.counts += torch.bincount(labs, minlength=self.num_classes).to(F64)
 
     def compute(self, weight: ArrayLike, bias: ArrayLike | None = None) -> dict[str, float]:
-        """Every metric of COMPUTE_KEYS for classifier (weight, bias) from the accumulated data."""
+        """Every metric of COMPUTE_KEYS for classifier (weight, bias) from the accumulated data.
+
+        After a distributed ``all_reduce`` this is collective: every rank of the group calls it.
+        """
         self._require_data("compute")
         self._require_all_classes()
         w, b, weight_eps = self._classifier(weight, bias)
+        tile = self._tile()
         sigma_w = _symmetric_from_upper(self._scatter) / self._counts.sum()
-        values = _geometry_metrics(self._counts, self._means, self._sq_dev, sigma_w, w, b)
-        space = self._pass2.space if self._pass2 is not None else _rowspace(w, weight_eps)
-        if space is None:
+        values = _geometry_metrics(self._counts, self._means, self._sq_dev, sigma_w, w, b, tile)
+        basis = self._pass2.basis if self._pass2 is not None else _rowspace(w, weight_eps)
+        if basis is None:
             values |= {f"{key}_rowspace": values[key] for key in ("nc1", "nc2_m", "nc3_duality")}
         else:
-            values |= _rowspace_metrics(self._counts, self._means, sigma_w, w, space.basis)
-        values["nc2_of"] = _orthogonal_frame_distance(self._means)
-        values["nc4"], values["nc4_rowspace"] = self._nc4(w, b, space)
+            values |= _rowspace_metrics(self._counts, self._means, sigma_w, w, basis, tile)
+        values["nc4"], values["nc4_rowspace"] = self._nc4(w, b, basis, tile)
         stacked = torch.stack([values[k] for k in COMPUTE_KEYS]).cpu().tolist()
         return dict(zip(COMPUTE_KEYS, stacked, strict=True))
+
+    def merge(self, other: NCAccumulator) -> NCAccumulator:
+        """A new accumulator over both inputs' data (Chan et al.'s merge); neither is changed.
+
+        Kept features are pooled while within this accumulator's budget; both must be in pass 1.
+        """
+        if not isinstance(other, NCAccumulator) or other.num_classes != self.num_classes:
+            raise ValueError("merge needs an NCAccumulator with the same num_classes")
+        for acc in (self, other):
+            if acc._pass2 is not None or acc._reduced:
+                raise ValueError(
+                    "merge pass-1 state only: merge before update_predictions and all_reduce"
+                )
+        out = NCAccumulator(self.num_classes, self.max_feature_bytes, self.tile_size)
+        parts = [acc._state() for acc in (self, other) if acc._means is not None]
+        if parts:
+            d = {p.means.shape[1] for p in parts}
+            if len(d) > 1:
+                raise ValueError(f"merge got features of different widths d={sorted(d)}")
+            device = parts[0].means.device
+            out._set_state(_combine([_State(*(t.to(device) for t in p)) for p in parts],
+                                    lambda t: t))
+        if self._kept is None or other._kept is None:
+            out._kept = None
+        elif self._kept_bytes + other._kept_bytes <= out.max_feature_bytes:
+            out._kept = [*self._kept, *other._kept]
+            out._kept_bytes = self._kept_bytes + other._kept_bytes
+        else:
+            out._kept = None
+        return out
+
+    def all_reduce(self, group: ProcessGroup | None = None) -> None:
+        """Replace this rank's pass-1 state by the whole group's, on every rank (collective).
+
+        Kept features stay on their rank; if any rank dropped its own, all do, so every rank
+        agrees on ``needs_second_pass``. nc4 then counts each rank's own samples against the
+        group's class means, and ``compute`` sums the counts. No-op outside a distributed run.
+        """
+        if not distributed.is_distributed(group):
+            return
+        if self._pass2 is not None or self._reduced:
+            raise ValueError("all_reduce once, after pass 1 and before update_predictions")
+        state = None if self._means is None else self._state()
+        merged, dropped = _all_reduce_state(state, self.num_classes, self._kept is None, group)
+        if merged is not None:
+            self._set_state(merged)
+        if dropped:
+            self._kept, self._kept_bytes = None, 0
+        self._reduced, self._group = True, group
 
     @property
     def needs_second_pass(self) -> bool:
@@ -221,15 +230,29 @@ class NCAccumulator:
             "kept_features": self._kept_bytes,
         }
 
+    def _tile(self) -> int:
+        if self.tile_size is not None:
+            return self.tile_size
+        return default_tile_size(self.num_classes, self._means.device)
+
+    def _state(self) -> _State:
+        return _State(self._counts, self._means, self._sq_dev, self._scatter)
+
+    def _set_state(self, state: _State) -> None:
+        self._counts, self._means, self._sq_dev, self._scatter = state
+
     def _update(self, features: ArrayLike, labels: ArrayLike, copy: bool) -> None:
         if self._pass2 is not None:
             raise ValueError("update called after update_predictions: finish pass 1 before pass 2")
+        if self._reduced:
+            raise ValueError("update called after all_reduce: reduce once, after all of pass 1")
         feats, labs = self._batch(features, labels)
         if feats.shape[0] == 0:
             return
         self._init_state(feats.shape[1], feats.device)
-        for rows, x in _float64_chunks(feats):
-            self._merge(x, labs[rows])
+        step = max(CHUNK_ELEMENTS // feats.shape[1], PASS1_CHUNK_CLASSES * self.num_classes)
+        for rows, x in _float64_chunks(feats, step):
+            self._merge_chunk(x, labs[rows])
         self._keep(feats, labs, copy)
 
     def _batch(self, features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,15 +263,10 @@ class NCAccumulator:
         return feats, labs.long()
 
     def _init_state(self, d: int, device: torch.device) -> None:
-        if self._means is not None:
-            return
-        k = self.num_classes
-        self._counts = torch.zeros(k, dtype=F64, device=device)
-        self._means = torch.zeros((k, d), dtype=F64, device=device)
-        self._sq_dev = torch.zeros(k, dtype=F64, device=device)
-        self._scatter = torch.zeros((d, d), dtype=F64, device=device)
+        if self._means is None:
+            self._set_state(_State.zeros(self.num_classes, d, device))
 
-    def _merge(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+    def _merge_chunk(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Centre float64 chunk x in place by its class means and merge it (Chan et al.)."""
         k = self.num_classes
         n_b = torch.bincount(labels, minlength=k).to(F64)
@@ -256,19 +274,19 @@ class NCAccumulator:
         if not bool(torch.isfinite(sums).all()):
             raise ValueError("features contain NaN or inf")
         means_b = sums / n_b.clamp(min=1)[:, None]
-        onehot = torch.nn.functional.one_hot(labels, k).to(F64)
-        x.addmm_(onehot, means_b, alpha=-1.0)
+        x.sub_(means_b[labels])
         sq_b = torch.zeros(k, dtype=F64, device=x.device)
         sq_b.index_add_(0, labels, torch.linalg.vector_norm(x, dim=1).square())
         total = self._counts + n_b
         delta = means_b - self._means
         pair_weight = self._counts * n_b / total.clamp(min=1)
         _add_gram_upper(self._scatter, x)
-        self._scatter.addmm_(delta.T, pair_weight[:, None] * delta)
+        both = torch.nonzero(pair_weight).flatten()
+        if both.numel():
+            _add_gram_upper(self._scatter, pair_weight[both, None].sqrt() * delta[both])
         self._sq_dev += sq_b + pair_weight * delta.square().sum(dim=1)
         self._means += delta * (n_b / total.clamp(min=1))[:, None]
         self._counts = total
-
     def _keep(self, feats: torch.Tensor, labels: torch.Tensor, copy: bool) -> None:
         """Keep the batch for a one-pass nc4 while within budget; drop all kept past it."""
         if self._kept is None:
@@ -299,31 +317,39 @@ class NCAccumulator:
         return w, b, weight_eps
 
     def _nc4(
-        self, w: torch.Tensor, b: torch.Tensor, space: _RowSpace | None
+        self, w: torch.Tensor, b: torch.Tensor, basis: torch.Tensor | None, tile: int
     ) -> torch.Tensor:
-        """(nc4, nc4_rowspace) from the second pass or the kept batches."""
-        total = self._counts.sum()
+        """(nc4, nc4_rowspace) from the second pass or the kept batches, summed over ranks."""
         if self._pass2 is not None:
             if not torch.equal(w, self._pass2.weight) or not torch.equal(b, self._pass2.bias):
                 raise ValueError(
                     "compute got a different weight or bias than update_predictions; "
                     "nc4 must use the classifier of the second pass"
                 )
-            if not torch.equal(self._pass2.counts, self._counts):
-                raise ValueError(
-                    "update_predictions saw class counts different from update's; "
-                    "run the second pass over exactly the data of the first"
-                )
-            return self._pass2.mismatches.expand(2).to(F64) / total
-        if self._kept is None:
+            mismatches, counts = self._pass2.mismatches, self._pass2.counts
+        elif self._kept is None:
             raise ValueError(
                 f"nc4 needs a second pass: the features exceeded max_feature_bytes="
                 f"{self.max_feature_bytes} and were not kept; call update_predictions(features, "
                 f"labels, weight, bias) over the same data before compute"
             )
-        predictions = _Predictions.build(self._counts, self._means, w, b, space)
-        mismatches = sum(predictions.mismatches(f) for f, _ in self._kept)
-        return mismatches.expand(2).to(F64) / total
+        else:
+            predictions = _Predictions.build(self._counts, self._means, w, b, basis, tile)
+            mismatches = sum((predictions.mismatches(f) for f, _ in self._kept),
+                             torch.zeros(predictions.groups - 1, dtype=torch.int64,
+                                         device=w.device))
+            counts = None
+        tally = torch.cat([mismatches.expand(2).to(F64),
+                           torch.zeros(0, dtype=F64, device=w.device) if counts is None
+                           else counts])
+        if self._reduced:
+            tally = distributed.all_reduce_sum(tally.clone(), self._group)
+        if counts is not None and not torch.equal(tally[2:], self._counts):
+            raise ValueError(
+                "update_predictions saw class counts different from update's; "
+                "run the second pass over exactly the data of the first"
+            )
+        return tally[:2] / self._counts.sum()
 
     def _require_data(self, caller: str) -> None:
         if self._means is None:
@@ -339,7 +365,11 @@ class NCAccumulator:
 
 
 class HeldOutNC4:
-    """nc4_test: argmax of W h + b on held-out features against the nearest train class mean."""
+    """nc4_test: argmax of W h + b on held-out features against the nearest train class mean.
+
+    Built from an accumulator after its ``all_reduce``, each rank adds its own held-out shard
+    and ``compute`` (collective) sums the counts over the group.
+    """
 
     def __init__(
         self, train: NCAccumulator, weight: ArrayLike, bias: ArrayLike | None = None
@@ -348,9 +378,11 @@ class HeldOutNC4:
         train._require_all_classes()
         w, b, _ = train._classifier(weight, bias)
         self._like = train._means.new_empty((0, train._means.shape[1]))
-        self._predictions = _Predictions.build(train._counts, train._means, w, b)
+        self._predictions = _Predictions.build(train._counts, train._means, w, b, None,
+                                               train._tile())
         self._mismatches = torch.zeros(1, dtype=torch.int64, device=w.device)
         self._samples = 0
+        self._reduced, self._group = train._reduced, train._group
 
     def update(self, features: ArrayLike) -> None:
         """Add a batch of held-out features (N, d), any size or dtype; labels are not needed."""
@@ -358,10 +390,27 @@ class HeldOutNC4:
         self._mismatches += self._predictions.mismatches(feats)
         self._samples += feats.shape[0]
 
+    def merge(self, other: HeldOutNC4) -> HeldOutNC4:
+        """A new HeldOutNC4 over both inputs' samples; both must score the same classifier
+        against the same train means."""
+        mine, theirs = self._predictions, other._predictions
+        if mine is not theirs and not all(
+            torch.equal(x, y) for x, y in ((mine.proj, theirs.proj),
+                                           (mine.offsets, theirs.offsets))
+        ):
+            raise ValueError("merge needs HeldOutNC4s of the same classifier and train means")
+        out = copy.copy(self)
+        out._mismatches = self._mismatches + other._mismatches.to(self._mismatches.device)
+        out._samples = self._samples + other._samples
+        return out
+
     def compute(self) -> float:
         """The fraction of held-out samples seen so far where the two predictions differ."""
-        if self._samples == 0:
+        tally = torch.cat([self._mismatches.to(F64),
+                           torch.tensor([self._samples], dtype=F64, device=self._like.device)])
+        if self._reduced:
+            tally = distributed.all_reduce_sum(tally, self._group)
+        mismatches, samples = tally.tolist()
+        if samples == 0:
             raise ValueError("nc4_test needs data: call update with at least one sample first")
-        return float(self._mismatches[0]) / self._samples
-
-
+        return mismatches / samples

@@ -1,9 +1,12 @@
-"""Tensor plumbing of the NC metrics: input checks, float64 chunks, the block-upper Gram."""
+"""Tensor plumbing of the NC metrics: input checks, float64 chunks, the block-upper Gram, tiles."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +17,10 @@ CHUNK_ELEMENTS = 2**22
 GRAM_STRIPS = 4
 GRAM_BLOCK = 128
 UNLIMITED_BYTES = 2**62
+MAX_TILE = 1024
+MIN_TILE = 64
+BLOCK_ELEMENTS = 2**20
+TILE_MEMORY_SHARE = 64
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -97,13 +104,58 @@ def _symmetric_from_upper(scatter: torch.Tensor) -> torch.Tensor:
     return (upper + upper.T) / 2.0
 
 
-def _float64_chunks(feats: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Row chunks of feats copied to float64 in one reused buffer of at most CHUNK_ELEMENTS."""
+def _float64_chunks(
+    feats: torch.Tensor, rows: int | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Row chunks of feats copied to float64 in one reused buffer, of `rows` rows (default:
+    CHUNK_ELEMENTS elements)."""
     n, d = feats.shape
-    step = max(1, CHUNK_ELEMENTS // max(d, 1))
+    step = max(1, CHUNK_ELEMENTS // max(d, 1) if rows is None else rows)
     buffer = torch.empty((min(step, n), d), dtype=F64, device=feats.device)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         x = buffer[: rows.stop - start]
         x.copy_(feats[rows])
         yield rows, x
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device`: CUDA's free memory, else MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return UNLIMITED_BYTES
+
+
+def default_tile_size(num_classes: int, device: torch.device) -> int:
+    """Side of the square blocks of the N x K and K x K products: K itself up to MAX_TILE,
+    and never so large that a block's float64 working set (TILE_MEMORY_SHARE x 8 bytes per
+    entry) would exceed the free memory."""
+    by_memory = math.isqrt(max(1, _free_bytes(device) // (TILE_MEMORY_SHARE * 8)))
+    return max(1, min(num_classes, MAX_TILE, max(MIN_TILE, by_memory)))
+
+
+def _check_tile_size(tile_size: int | None) -> int | None:
+    if tile_size is None:
+        return None
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive integer or None, got {tile_size!r}")
+    return tile_size
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmul() -> Iterator[None]:
+    """Float32 products in IEEE float32 (no TF32 or bfloat16 passes), as nc4's error bound
+    assumes; the previous setting is restored after."""
+    previous = torch.get_float32_matmul_precision()
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
