@@ -409,6 +409,7 @@ def test_ill_conditioned_w_scores_rowspace_centres_directly():
 
 
 def test_float32_decisions_agree_with_all_samples_rechecked_in_float64(monkeypatch):
+    monkeypatch.setattr(decisions, "FLOAT32_MIN_CLASSES", 0)
     h, y, w, b = rank_deficient_problem(seed=18)
     certified = nc_metrics(h, y, w, b)
     monkeypatch.setattr(decisions, "SAFETY", math.inf)

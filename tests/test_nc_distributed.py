@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ncsweep import distributed
-from ncsweep.nc import COMPUTE_KEYS, HeldOutNC4, NCAccumulator, nc_metrics
+from ncsweep.nc import COMPUTE_KEYS, HeldOutNC4, NCAccumulator, decisions, nc_metrics
 
 K, D = 6, 9
 WORKER_TIMEOUT_S = 120
@@ -226,7 +226,13 @@ def float32_nc4(h, w, b, centres) -> float:
     return float((logits.argmax(dim=1) != nearest).double().mean())
 
 
-def test_nc4_with_float32_decisions_equals_float64_on_logit_near_ties():
+@pytest.fixture
+def float32_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decide in float32 (with the float64 re-check) at any K, not only K >= 256."""
+    monkeypatch.setattr(decisions, "FLOAT32_MIN_CLASSES", 0)
+
+
+def test_nc4_with_float32_decisions_equals_float64_on_logit_near_ties(float32_decisions):
     h, y, w = logit_near_ties()
     b = np.zeros(w.shape[0])
     centres = np.stack([h[y == c].mean(axis=0) for c in range(w.shape[0])])
@@ -240,7 +246,7 @@ def test_nc4_with_float32_decisions_equals_float64_on_logit_near_ties():
     assert acc.compute(w, b)["nc4"] == want
 
 
-def test_nc4_test_with_float32_decisions_equals_float64_on_centre_near_ties():
+def test_nc4_test_with_float32_decisions_equals_float64_on_centre_near_ties(float32_decisions):
     rng = np.random.default_rng(4)
     k, d = 5, 24
     h_train = (10.0 * rng.standard_normal((k, d)))[np.repeat(np.arange(k), 40)]

@@ -67,7 +67,9 @@ Conventions:
   top-two gap exceeds 2 (1 + 2^-20) times the sum of both bounds (the factor covers the
   float64 rounding of ||x||, P, C and the gap): then both computations share one argmax.
   Every other sample (gap within the bound, a float32 tie, overflow) is re-scored in float64,
-  so the count equals the float64 computation's exactly.
+  so the count equals the float64 computation's exactly. Below K = 256
+  (``decisions.FLOAT32_MIN_CLASSES``) the N x K products are cheap next to the d x d scatter
+  and every sample is scored in float64 directly.
 - ``tile_size`` (``NCAccumulator``, ``nc_metrics``): the side of the square blocks in which
   every N x K and K x K product is formed and reduced: nc4's scores (samples x classes, a
   running top-two across class blocks), W W^T, M M^T and W M^T (the ETF distances, the cosine

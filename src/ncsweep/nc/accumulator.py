@@ -56,6 +56,7 @@ KEYS = (
     "w_norm_mean",
     "m_norm_mean",
 )
+ONEHOT_MAX_CLASSES = 64
 ROWSPACE_KEYS = ("nc1_rowspace", "nc2_m_rowspace", "nc3_duality_rowspace", "nc4_rowspace")
 COMPUTE_KEYS = (*KEYS, *ROWSPACE_KEYS, "nc2_of")
 HELDOUT_KEYS = ("nc4_test",)
@@ -274,7 +275,10 @@ class NCAccumulator:
         if not bool(torch.isfinite(sums).all()):
             raise ValueError("features contain NaN or inf")
         means_b = sums / n_b.clamp(min=1)[:, None]
-        x.sub_(means_b[labels])
+        if k <= ONEHOT_MAX_CLASSES:  # a thin product beats gathering an N x d block of means
+            x.addmm_(torch.nn.functional.one_hot(labels, k).to(F64), means_b, alpha=-1.0)
+        else:
+            x.sub_(means_b[labels])
         sq_b = torch.zeros(k, dtype=F64, device=x.device)
         sq_b.index_add_(0, labels, torch.linalg.vector_norm(x, dim=1).square())
         total = self._counts + n_b

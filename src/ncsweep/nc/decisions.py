@@ -23,6 +23,7 @@ U32 = 2.0**-24
 U64 = 2.0**-53
 UNDERFLOW32 = 2.0**-150
 SAFETY = 1.0 + 2.0**-20
+FLOAT32_MIN_CLASSES = 256
 
 
 def _gamma(n: int, u: float) -> float:
@@ -96,14 +97,15 @@ class _Predictions:
         rechecked = 0
         with _ieee_float32_matmul():
             for _, x in _float64_chunks(feats, rows):
-                if not bool(torch.isfinite(x).all()):
-                    raise ValueError("features contain NaN or inf")
                 x.sub_(self.mu_g)
-                decided, certain = self._float32_decisions(x)
-                doubtful = torch.nonzero(~certain).flatten()
-                if doubtful.numel():
-                    decided[doubtful] = self._float64_decisions(x[doubtful])
-                    rechecked += doubtful.numel()
+                if k < FLOAT32_MIN_CLASSES:  # the N x K product is cheap: decide in float64
+                    decided = self._float64_decisions(x)
+                else:
+                    decided, certain = self._float32_decisions(x)
+                    doubtful = torch.nonzero(~certain).flatten()
+                    if doubtful.numel():
+                        decided[doubtful] = self._float64_decisions(x[doubtful])
+                        rechecked += doubtful.numel()
                 count += (decided[:, 1:] != decided[:, :1]).sum(dim=0)
         logger.debug("nc4: %d of %d samples re-checked in float64", rechecked, feats.shape[0])
         return count
@@ -124,6 +126,8 @@ class _Predictions:
         top = values.double()
         gap = top[..., 0] - top[..., 1]
         norms = torch.linalg.vector_norm(x, dim=1)
+        if not bool(torch.isfinite(norms).all()):  # one N-vector instead of the N x d block
+            raise ValueError("features contain NaN or inf")
         bound = norms[:, None] * self.scale_x + self.scale_1
         certain = (gap > bound) & torch.isfinite(top[..., 0])
         return index[..., 0], certain.all(dim=1)
