@@ -74,6 +74,15 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, args: list[str], mess
     assert not list(tmp_path.glob("**/DONE")) and not list(tmp_path.glob("**/summary.json"))
 
 
+def test_cfg_hydra_shows_and_a_sweep_with_cfg_is_one_line(tmp_path: Path) -> None:
+    shown = run_cli(["--cfg", "hydra"], tmp_path, timeout=60)
+    assert shown.returncode == 0 and "sweep_report" in shown.stdout, shown.stderr
+    both = run_cli(["-m", "dim=K,512", "--cfg", "job"], tmp_path, timeout=60)
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "ncsweep: error: -m and --cfg do not go together: choose one (-m runs a sweep, "
+        "--cfg job shows one job's config)")
+
+
 def test_cfg_job_shows_the_resolved_dim(tmp_path: Path) -> None:
     result = run_cli(["dim=K", "--cfg", "job"], tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr

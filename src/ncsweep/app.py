@@ -58,6 +58,23 @@ def main() -> None:
     if problem:
         print(f"ncsweep: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    if any(a in ("--cfg", "-c") for a in args) and "--resolve" not in args:
-        sys.argv.append("--resolve")
+    modes = [a for a in args if a in MODES]
+    if len(modes) > 1:
+        print(f"ncsweep: error: {' and '.join(modes)} do not go together: choose one "
+              "(-m runs a sweep, --cfg job shows one job's config)", file=sys.stderr)
+        raise SystemExit(2)
+    if _shown(args) == "job" and "--resolve" not in args:
+        sys.argv.append("--resolve")  # the hydra node's own interpolations need a job to resolve
     hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(task)()
+
+
+MODES = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+
+
+def _shown(args: list[str]) -> str | None:
+    """The part of the config ``--cfg``/``-c`` shows (job, hydra or all), or None."""
+    for flag in ("--cfg", "-c"):
+        if flag in args:
+            index = args.index(flag)
+            return args[index + 1] if index + 1 < len(args) else None
+    return None
