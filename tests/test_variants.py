@@ -159,16 +159,29 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,key", REFUSALS)
-def test_an_option_that_cannot_take_effect_is_refused_in_one_line(tmp_path: Path,
-                                                                  overrides: list[str],
-                                                                  key: str) -> None:
+def _assert_one_line_refusal(stderr: str, key: str, root: Path) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"ncsweep: error: {key}=") and " is not allowed: " in lines[0]
+    assert not list(root.rglob("metrics.jsonl")) and not list(root.rglob("DONE"))
+
+
+def test_a_refusal_through_the_cli_is_one_line_and_trains_nothing(tmp_path: Path) -> None:
+    overrides, key = REFUSALS[0]
     result = run_cli([*FAST, "trainer.device=cpu", *overrides], tmp_path, timeout=120)
     assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"ncsweep: error: {key}=") and " is not allowed: " in lines[0]
-    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("DONE"))
+    _assert_one_line_refusal(result.stderr, key, tmp_path)
+
+
+@pytest.mark.parametrize("overrides,key", REFUSALS)
+def test_an_option_that_cannot_take_effect_is_refused_in_one_line(job_runner, capsys,
+                                                                  tmp_path: Path,
+                                                                  overrides: list[str],
+                                                                  key: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        job_runner([*FAST, "trainer.device=cpu", *overrides], folder="refused")
+    assert exited.value.code != 0
+    _assert_one_line_refusal(capsys.readouterr().err, key, tmp_path)
 
 
 # ---------------------------------------------------------------- metrics under label noise
