@@ -43,15 +43,22 @@ def test_ufm_with_a_frozen_etf_head_skips_the_gap(job_runner) -> None:
 
 
 def test_landscape_preset_spans_the_grid() -> None:
-    params = compose_cfg(["experiment=ufm_landscape"]).hydra.sweeper.params
-    assert params["dim"] == "K-1,K,K+1,2K"
+    cfg = compose_cfg(["experiment=ufm_landscape"])
+    params = cfg.hydra.sweeper.params
+    assert params["dim"] == "2,K-1,K"
     assert params["dataset.num_classes"] == "4,10,100" and params["loss"] == "ce,mse"
+    assert cfg.arch.starts >= 1000 and cfg.optim.weight_decay == 0
 
 
 def test_landscape_sweep_runs_a_slice_from_the_cli(tmp_path) -> None:
     result = run_cli(["-m", "experiment=ufm_landscape", "logger=none", "trainer.progress=false",
                       "dataset.num_classes=4", "dim=K-1,K", "loss=ce", "seed=0",
-                      "arch.lambda_w=1e-3", "arch.lambda_h=1e-3", "trainer.epochs=10"],
+                      "arch.lambda_w=1e-3", "arch.lambda_h=1e-3", "trainer.epochs=4",
+                      "arch.starts=20"],
                      tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "2 done" in result.stdout
+    done = sorted((tmp_path / "multirun" / "ufm_landscape").glob("*/DONE"))
+    assert len(done) == 2
+    for marker in done:
+        assert len((marker.parent / "starts.jsonl").read_text().splitlines()) == 20

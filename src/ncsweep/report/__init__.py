@@ -20,12 +20,11 @@ from ncsweep.report.claims import (
     params_text,
     repeated_seeds,
     shown_counts,
-    ufm_suspects,
-    ufm_table,
-    with_conditions,
 )
+from ncsweep.report.conditions import with_conditions
 from ncsweep.report.figures import curves_figure, png_bytes, resources_figure, ufm_figure
 from ncsweep.report.sources import ReportError, load, load_history, load_runs
+from ncsweep.report.ufm import ufm_suspects, ufm_table
 from ncsweep.report.wandb_log import read_wandb_offline, wandb_offline_files
 from ncsweep.report.write import (
     format_claims,

@@ -10,17 +10,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ncsweep.report.claims import (
-    NONE,
     SETTINGS,
-    UFM_KEYS,
-    flag,
-    numeric,
     setting_name,
     with_settings,
 )
+from ncsweep.report.conditions import NONE
+from ncsweep.report.ufm import ufm_table
 
 CURVE_PANELS = (("nc1", "NC1  tr(Σ_W Σ_B⁺)/K"), ("nc2_m", "NC2  (nc2_m)"), ("nc3", "NC3"),
                 ("nc4", "NC4  (NCC mismatch)"), ("train_acc", "train accuracy"),
@@ -148,53 +146,47 @@ def resources_figure(table: pd.DataFrame, group: Mapping[str, object]) -> Figure
 
 
 def ufm_figure(runs: pd.DataFrame) -> Figure | None:
-    """UFM runs per (K, d, loss): objective gap, smallest Hessian eigenvalue, share at optimum."""
-    ufm = runs[(runs["arch"] == "ufm") & (runs["status"] == "done")].copy()
-    if ufm.empty:
+    """Per (K, d, loss) against d/K: share of starts at the optimum, distinct values, worst gap.
+
+    One line per (K, loss). A filled marker is the share at the closed-form f* (d >= K-1), a
+    hollow one the share at the best value found (no closed form, below K-1); a red x marks
+    a cell with a spurious-minimum suspect. The dotted line is d = K, the theorem's claim.
+    """
+    table = ufm_table(runs)
+    if table.empty:
         return None
-    ufm["_label"] = [f"K={k} d={d} {loss}" for k, d, loss in
-                     ufm[list(UFM_KEYS)].itertuples(index=False, name=None)]
-    labels = sorted(ufm["_label"].unique(), key=lambda s: _sort_key(ufm, s))
-    position = {label: i for i, label in enumerate(labels)}
-    x = ufm["_label"].map(position).to_numpy(float)
-    x += np.random.default_rng(0).uniform(-0.2, 0.2, len(x))
-    suspect = flag(ufm, "spurious_minimum_suspect")
-    figure = new_figure(max(12, 1.2 * len(labels) + 6), 4.8)
-    gap_ax, eig_ax, share_ax = figure.subplots(1, 3)
-    gap = numeric(ufm, "objective_gap").abs().clip(lower=GAP_FLOOR)
-    _strip(gap_ax, x, gap, suspect, "objective gap |f - f*|, log")
+    figure = new_figure(15, 4.8)
+    share_ax, distinct_ax, gap_ax = figure.subplots(1, 3, sharex=True)
+    for i, ((k, loss), cells) in enumerate(table.groupby(["num_classes", "loss"], sort=True)):
+        cells = cells.sort_values("d_over_k")
+        color, style = f"C{i % 10}", "-" if loss == "ce" else "--"
+        closed = cells["optimum_share"].notna().to_numpy()
+        share = cells["optimum_share"].where(closed, cells["best_share"])
+        x = cells["d_over_k"].to_numpy(float)
+        share_ax.plot(x, share, color=color, linestyle=style, label=f"K={k} {loss}")
+        share_ax.scatter(x[closed], share[closed], color=color, s=30)
+        share_ax.scatter(x[~closed], share[~closed], facecolors="none", edgecolors=color, s=30)
+        flagged = (cells["n_spurious_suspect"] > 0).to_numpy()
+        share_ax.scatter(x[flagged], share[flagged], color="red", marker="x", s=60)
+        distinct_ax.plot(x, cells["distinct_values_max"], color=color, linestyle=style,
+                         marker="o")
+        gap = cells["gap_max"].abs().clip(lower=GAP_FLOOR)
+        gap_ax.plot(x[closed], gap[closed], color=color, linestyle=style, marker="o")
+    share_ax.set_ylim(-0.03, 1.05)
+    share_ax.set_title("share of starts at the global optimum\n(hollow: at the best value "
+                       "found, no closed form)", fontsize="medium")
+    distinct_ax.set_yscale("log")
+    distinct_ax.set_title("distinct final objective values (1e-9 relative), most of a run",
+                          fontsize="medium")
     gap_ax.set_yscale("log")
-    gap_ax.set_ylim(GAP_FLOOR / 10, max(_top(gap) * 10, 1e-8))
-    eig = numeric(ufm, "hessian_min_eig")
-    _strip(eig_ax, x, eig, suspect, "smallest Hessian eigenvalue, symlog")
-    reach = max(_top(eig.abs()) * 10, 1e-8)
-    eig_ax.set_yscale("symlog", linthresh=1e-12)
-    eig_ax.set_ylim(-reach, reach)
-    eig_ax.axhline(0, color="grey", linewidth=0.8)
-    share = flag(ufm, "reached_global_optimum").groupby(ufm["_label"]).mean()
-    share_ax.bar(range(len(labels)), [share.get(label, 0.0) for label in labels], color="C2")
-    share_ax.set_ylim(0, 1.05)
-    share_ax.set_title("share of starts at the global optimum", fontsize="medium")
-    for ax in (gap_ax, eig_ax, share_ax):
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_xlim(-0.5, len(labels) - 0.5)
-    figure.suptitle("UFM landscape per (K, d, loss): one dot per random start (red x: "
-                    f"spurious-minimum suspect); gaps below {GAP_FLOOR:g} drawn at it")
+    gap_ax.set_title(f"largest gap f - f* (closed form; below {GAP_FLOOR:g} drawn at it)",
+                     fontsize="medium")
+    for ax in (share_ax, distinct_ax, gap_ax):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("d / K")
+        ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    share_ax.legend(fontsize="small")
+    figure.suptitle("UFM landscape per (K, d, loss): random starts against the closed-form "
+                    "optimum (dotted: d = K; red x: spurious-minimum suspect)")
     return figure
-
-
-def _sort_key(ufm: pd.DataFrame, label: str) -> tuple:
-    row = ufm[ufm["_label"] == label].iloc[0]
-    return tuple(str(row[k]).zfill(8) for k in UFM_KEYS)
-
-
-def _top(values: pd.Series) -> float:
-    top = values.max()
-    return 0.0 if pd.isna(top) else float(top)
-
-
-def _strip(ax: object, x: np.ndarray, y: pd.Series, suspect: pd.Series, title: str) -> None:
-    ok = ~suspect.to_numpy()
-    ax.scatter(x[ok], y.to_numpy()[ok], color="C0", s=18)
-    ax.scatter(x[~ok], y.to_numpy()[~ok], color="red", s=40, marker="x")
-    ax.set_title(title, fontsize="medium")

@@ -19,7 +19,6 @@ from ncsweep.report.claims import (
     COLLAPSE_FLOOR,
     COLLAPSE_REL_TOL,
     DEFAULT_GROUP_BY,
-    NONE,
     ROWSPACE_METRICS,
     TOLERANCE_PTS,
     claim_verdicts,
@@ -32,9 +31,8 @@ from ncsweep.report.claims import (
     row_keys,
     setting_name,
     shown_counts,
-    ufm_suspects,
-    ufm_table,
 )
+from ncsweep.report.conditions import NONE
 from ncsweep.report.document import Document
 from ncsweep.report.figures import (
     curves_figure,
@@ -43,6 +41,7 @@ from ncsweep.report.figures import (
     setting_label,
     ufm_figure,
 )
+from ncsweep.report.ufm import ufm_suspects, ufm_table
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.+-]+")
 STATUS_ORDER = ("done", "failed", "running", "dry_run", "unreadable")
@@ -311,19 +310,59 @@ def _ufm_section(doc: Document, runs: pd.DataFrame, has_figure: bool) -> None:
         return
     doc.heading(2, "UFM landscape: every critical point at d = K is a global minimum or a "
                    "strict saddle")
-    n, reached = int(table["n"].sum()), int(table["n_optimum"].sum())
+    closed = table[table["optimum_share"].notna()]
+    n, reached = int(closed["n"].sum()), int(closed["n_optimum"].sum())
     flagged = int(table["n_spurious_suspect"].sum())
-    doc.bullets([f"random starts that reached the global optimum: {reached}/{n} "
-                 f"({100 * reached / n:.0f}%)",
-                 f"no spurious local minimum found: {'yes' if flagged == 0 else 'NO'} "
-                 f"({flagged} suspect{'s' if flagged != 1 else ''})"])
-    shown = table.rename(columns={"num_classes": "K", "feature_dim": "d"})
-    for column in ("gap_median", "gap_max", "hessian_min_eig_min", "grad_norm_max"):
+    at_k = closed[closed["feature_dim"] == closed["num_classes"]]
+    bullets = [f"random starts that reached the global optimum: {reached}/{n} "
+               f"({_share(reached / max(n, 1))})"]
+    if not at_k.empty:
+        k_n, k_reached = int(at_k["n"].sum()), int(at_k["n_optimum"].sum())
+        bullets.append(f"at d = K: {k_reached}/{k_n} ({_share(k_reached / k_n)}) in "
+                       f"{len(at_k)} (K, loss) cell(s)")
+    below = table[table["optimum_share"].isna()]
+    if not below.empty:
+        b_n, b_best = int(below["n"].sum()), int(below["n_best"].sum())
+        bullets.append(f"without a closed form (d < K-1): {b_best}/{b_n} starts "
+                       f"({_share(b_best / b_n)}) at the best value their run found; "
+                       f"up to {int(below['distinct_values_max'].max())} distinct final "
+                       "values in one run")
+    bullets.append(f"no spurious local minimum found: {'yes' if flagged == 0 else 'NO'} "
+                   f"({flagged} suspect{'s' if flagged != 1 else ''}; "
+                   f"{int(table['n_saddles'].sum())} start(s) above tolerance certified as "
+                   "saddles by negative curvature)")
+    doc.bullets(bullets)
+    doc.paragraph("n counts random starts (a run of `arch.starts=R` counts R, any other UFM "
+                  "run one). at optimum: starts with f - f* <= probe_gap_tol against the "
+                  "closed form (- where none covers the cell); at best: starts within it of "
+                  "the best value found in their run; distinct: the most distinct final "
+                  "objective values (1e-9 relative) of one run; Hessian: the smallest "
+                  "eigenvalue probed at start 0 of each run; saddles / suspects: starts "
+                  "above tolerance with negative curvature / with a vanishing gradient and "
+                  "none. The per-start record of a batched run is its `starts.jsonl`.")
+    shown = table.rename(columns={"num_classes": "K", "feature_dim": "d", "d_over_k": "d/K",
+                                  "n_optimum": "at optimum", "n_best": "at best",
+                                  "distinct_values_max": "distinct",
+                                  "hessian_min_eig_min": "Hessian min eig",
+                                  "n_saddles": "saddles", "n_spurious_suspect": "suspects"})
+    for column in ("gap_median", "gap_max", "Hessian min eig", "grad_norm_max"):
         shown[column] = shown[column].map(lambda v: "-" if _nan(v) else f"{v:.3g}")
-    shown["optimum_share"] = shown["optimum_share"].map(lambda v: f"{100 * v:.0f}%")
-    doc.table(shown, index=False)
+    shown["d/K"] = shown["d/K"].map(lambda v: f"{v:.3g}")
+    shown["at optimum"] = [
+        "-" if _nan(share) else f"{int(count)} ({_share(share)})"
+        for count, share in zip(shown["at optimum"], shown["optimum_share"], strict=True)]
+    shown["at best"] = [f"{int(count)} ({_share(share)})"
+                        for count, share in zip(shown["at best"], shown["best_share"],
+                                                strict=True)]
+    doc.table(shown.drop(columns=["optimum_share", "best_share", "reference"]), index=False)
     if has_figure:
-        doc.image("ufm.png", "UFM objective gap, smallest Hessian eigenvalue, share at optimum")
+        doc.image("ufm.png", "UFM share of starts at the optimum, distinct values and worst "
+                             "gap against d/K")
+
+
+def _share(fraction: float) -> str:
+    """A share in percent to one decimal: 997 of 1000 is 99.7%, never rounded up to 100%."""
+    return f"{math.floor(1000 * fraction + 1e-9) / 10:g}%"
 
 
 def _apart_section(doc: Document, runs: pd.DataFrame) -> None:
