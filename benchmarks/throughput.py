@@ -1,0 +1,219 @@
+"""Throughput of sweeps: what a run costs beside what its training costs.
+
+Sections are independent functions, each selected by its flag (all of them without one):
+
+``--ufm``: the UFM landscape at K = 10, d = K, CE, one sample per class, as
+conf/experiment/ufm_landscape.yaml configures it (L-BFGS steps of at most 25 iterations,
+history 5, 8 epochs, lambda_W = lambda_H = 5e-3). Every run is built by ``build_run`` from
+conf/ and trained by ``Trainer.fit``, then probed by ``final_checks``; job handling (Hydra,
+run folder, W&B) is not in these figures and is quoted apart (JOB_OVERHEAD_S, measured
+around a tiny UFM job in launch_overhead.py's way: ~0.5 s a job in-process).
+
+1. 1,000 starts as one batched run (``arch.starts=1000``) against 1,000 single-start runs,
+   whose per-run cost is measured in-process on ``--sample`` runs (seeds 0, 1, ...) of
+   - ``arch.starts=null``: one start trained by torch.optim.LBFGS through the Trainer (what
+     the preset ran before batched starts), and
+   - ``arch.starts=1``: the batched solver with one start.
+   The ratio is (1000 x per-run cost) / batched wall time, without and with JOB_OVERHEAD_S
+   per job. Target >= 50x.
+2. The wall time of 10,000 starts in one run. Target < 60 s on the CPU.
+
+``--packing``: 32 runs (the design-card grid x 8 seeds, 3 epochs, width 32) through the local
+SLURM cluster (``SLURM_CONF`` set), one run a task against ``runs_per_task=8``, in runs per
+hour of sweep wall time (target >= 2x); and ``runs_in_parallel=2`` against 1 in tasks of 16
+runs on 2 CPUs (does a second lane pay?).
+
+``--ensemble``: 32 seeds of the digits MLP as one ``trainer.ensemble=true`` sweep against the
+same 32 runs solo, each sweep one ``python -m ncsweep -m`` process on the basic launcher
+(``--device``, default cpu), for the default MLP and a small one; also the largest difference
+of the final metrics between a member and its solo run. Target >= 5x.
+
+Torch runs on ``--threads`` threads (default 1) in the ``--ufm`` section; the CLI sections
+run with the CLI's defaults. Always exits 0.
+
+Run: .venv/bin/python benchmarks/throughput.py --ufm [--sample 50] [--threads 1]
+     .venv/bin/python benchmarks/throughput.py --packing --ensemble [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from ncsweep.app import conf_dir
+from ncsweep.build import build_run
+from ncsweep.config import validate
+
+JOB_OVERHEAD_S = 0.5
+UFM_TARGET_RATIO = 50.0
+UFM_TARGET_10K_S = 60.0
+UFM_CELL = ("experiment=ufm_landscape", "logger=none", "trainer.progress=false",
+            "dataset.num_classes=10", "dim=K", "loss=ce")
+
+
+def ufm_run(starts: str, seed: int = 0) -> tuple[float, dict]:
+    """One UFM run of the landscape cell, built and trained in-process: (seconds, summary)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[*UFM_CELL, f"arch.starts={starts}", f"seed={seed}"])
+    plain = validate(cfg)
+    started = time.perf_counter()
+    run = build_run(cfg, plain)
+    result = run.trainer.fit(run.model, run.loss, run.optimizer, run.scheduler, run.data,
+                             plain["seed"])
+    summary = {**result.final, **run.final_checks(result.final)}
+    return time.perf_counter() - started, summary
+
+
+def ufm_section(sample: int) -> None:
+    """Batched starts against single-start runs, and 10,000 starts in one run."""
+    print("UFM landscape cell K=10 d=K ce, n=1 per class (conf/experiment/ufm_landscape.yaml)")
+    batched_s, batched = ufm_run("1000")
+    print(f"  1,000 starts batched: {batched_s:.2f} s, frac_reached_optimum "
+          f"{batched['frac_reached_optimum']:.3f}, distinct values "
+          f"{batched['distinct_objective_values']}", flush=True)
+    ratios = []
+    for starts, what in (("null", "torch LBFGS through the Trainer"),
+                         ("1", "the batched solver, one start")):
+        times, reached = [], 0
+        for seed in range(sample):
+            seconds, summary = ufm_run(starts, seed)
+            times.append(seconds)
+            reached += bool(summary.get("reached_global_optimum"))
+        per_run = sum(times) / len(times)
+        ratio = 1000 * per_run / batched_s
+        with_jobs = 1000 * (per_run + JOB_OVERHEAD_S) / batched_s
+        ratios.append(ratio)
+        print(f"  single start, arch.starts={starts} ({what}): {per_run:.3f} s a run (mean of "
+              f"{sample}; {reached}/{sample} at the optimum); 1,000 runs {1000 * per_run:.0f} s"
+              f" -> {ratio:.0f}x the batched run; with {JOB_OVERHEAD_S} s of job handling "
+              f"each, {1000 * (per_run + JOB_OVERHEAD_S):.0f} s -> {with_jobs:.0f}x",
+              flush=True)
+    ten_s, ten = ufm_run("10000")
+    print(f"  10,000 starts batched: {ten_s:.2f} s, frac_reached_optimum "
+          f"{ten['frac_reached_optimum']:.4f}", flush=True)
+    verdict = "PASS" if min(ratios) >= UFM_TARGET_RATIO and ten_s < UFM_TARGET_10K_S else "FAIL"
+    print(f"{verdict}: batched / single-start runs {min(ratios):.0f}x at worst (target >= "
+          f"{UFM_TARGET_RATIO:g}x, job handling excluded); 10,000 starts in {ten_s:.1f} s "
+          f"(target < {UFM_TARGET_10K_S:g} s)")
+
+
+PACKING_GRID = ("head=etf,learned", "dim=K,512", "seed=0,1,2,3,4,5,6,7")  # 32 runs
+PACKING_RUN = ("trainer.epochs=3", "trainer.eval_every=3", "arch.width=32", "logger=none",
+               "trainer.progress=false")
+PACKING_CLUSTER = ("launcher=slurm", "hydra.launcher.gpus_per_node=null",
+                   "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=30")
+PACKING_TARGET = 2.0
+ENSEMBLE_SEEDS = 32
+ENSEMBLE_RUN = ("logger=none", "trainer.progress=false", "trainer.epochs=20",
+                "trainer.eval_every=10")
+ENSEMBLE_SIZES = (("the conf/arch/mlp.yaml MLP: width 256, d = 512", ()),
+                  ("a small MLP: width 32, d = K", ("arch.width=32", "dim=K")))
+ENSEMBLE_TARGET = 5.0
+ENSEMBLE_COMPARED = ("train_acc", "test_acc", "train_loss", "test_loss", "nc1", "nc2_m", "nc3",
+                     "nc4")
+
+
+def cli_sweep(args: list[str], name: str) -> tuple[float, list[dict], str]:
+    """One ``python -m ncsweep -m`` in a fresh folder: (wall seconds, summaries, stdout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "ncsweep", "-m", *args, f"name={name}"],
+                                cwd=tmp, capture_output=True, text=True, timeout=1800,
+                                env={**os.environ, "WANDB_ERROR_REPORTING": "false"})
+        wall = time.perf_counter() - started
+        if result.returncode != 0:
+            raise SystemExit(f"sweep {name} failed: {result.stderr[-2000:]}")
+        summaries = [json.loads(p.read_text())
+                     for p in sorted(Path(tmp).glob(f"multirun/{name}/*/summary.json"))]
+        return wall, summaries, result.stdout
+
+
+def packing_section() -> None:
+    """32 runs through the local SLURM cluster, one run a task against 8 (and 2 lanes)."""
+    if not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None:
+        print("packing: skipped, no cluster (eval \"$(launch/local_slurm.sh start | tail -1)\")")
+        return
+    print("32 runs (design-card grid x 8 seeds, 3 epochs, width 32) on the local SLURM cluster")
+    cases = (("1 run a task, 1 CPU", ["hydra.launcher.cpus_per_task=1"]),
+             ("8 runs a task, 1 CPU", ["hydra.launcher.cpus_per_task=1",
+                                       "hydra.launcher.runs_per_task=8"]),
+             ("16 runs a task, 2 CPUs, 1 at a time", ["hydra.launcher.cpus_per_task=2",
+                                                      "hydra.launcher.runs_per_task=16"]),
+             ("16 runs a task, 2 CPUs, 2 at a time", ["hydra.launcher.cpus_per_task=2",
+                                                      "hydra.launcher.runs_per_task=16",
+                                                      "hydra.launcher.runs_in_parallel=2"]))
+    rates = []
+    for what, extra in cases:
+        wall, runs, _ = cli_sweep([*PACKING_GRID, *PACKING_RUN, *PACKING_CLUSTER, *extra],
+                                  "pack")
+        assert len(runs) == 32 and all(r["status"] == "done" for r in runs)
+        rates.append(3600 * len(runs) / wall)
+        print(f"  {what}: {wall:.1f} s, {rates[-1]:.0f} runs/hour", flush=True)
+    ratio = rates[1] / rates[0]
+    print(f"  runs_in_parallel=2 vs 1 on 2 CPUs: {rates[3] / rates[2]:.2f}x")
+    print(f"{'PASS' if ratio >= PACKING_TARGET else 'FAIL'}: runs_per_task=8 gives "
+          f"{ratio:.1f}x the runs per hour of one run a task (target >= {PACKING_TARGET:g}x)")
+
+
+def ensemble_section(device: str) -> None:
+    """32 seeds of the digits MLP as one batched model against 32 solo runs in one process."""
+    seeds = "seed=" + ",".join(str(s) for s in range(ENSEMBLE_SEEDS))
+    print(f"{ENSEMBLE_SEEDS} seeds of the digits MLP (Adam, batch 256, 20 epochs, 3 eval "
+          f"points), basic launcher, one process each, on {device}")
+    ratios = []
+    for what, size in ENSEMBLE_SIZES:
+        common = [seeds, *ENSEMBLE_RUN, *size, f"trainer.device={device}"]
+        solo_s, solo, _ = cli_sweep(common, "solo")
+        ens_s, ens, out = cli_sweep([*common, "trainer.ensemble=true"], "ens")
+        assert f"ensemble: {ENSEMBLE_SEEDS} seeds" in out
+        assert {r["ensemble"] for r in ens} == {ENSEMBLE_SEEDS}
+        by_seed = {r["seed"]: r for r in solo}
+        worst = max(abs(r[k] - by_seed[r["seed"]][k]) for r in ens for k in ENSEMBLE_COMPARED)
+        ratios.append(solo_s / ens_s)
+        print(f"  {what}: {ENSEMBLE_SEEDS} solo runs {solo_s:.1f} s, one ensemble "
+              f"{ens_s:.1f} s -> {ratios[-1]:.1f}x; largest |ensemble - solo| of the final "
+              f"{', '.join(ENSEMBLE_COMPARED)}: {worst:.1e}", flush=True)
+    best = max(ratios)
+    print(f"{'PASS' if best >= ENSEMBLE_TARGET else 'FAIL'}: ensemble / solo runs "
+          f"{', '.join(f'{r:.1f}x' for r in ratios)} (target >= {ENSEMBLE_TARGET:g}x; on CPU "
+          "cores a solo step of the wide MLP is already compute-bound)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ufm", action="store_true", help="the UFM landscape section")
+    parser.add_argument("--sample", type=int, default=50,
+                        help="single-start runs measured per kind (--ufm)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--packing", action="store_true",
+                        help="runs_per_task and runs_in_parallel on the local SLURM cluster")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="32 seeds as one batched model against 32 solo runs")
+    parser.add_argument("--device", default="cpu", help="trainer.device (--ensemble)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")
+    selected = {"ufm": args.ufm, "packing": args.packing, "ensemble": args.ensemble}
+    everything = not any(selected.values())
+    if everything or args.ufm:
+        ufm_section(args.sample)
+    if everything or args.packing:
+        packing_section()
+    if everything or args.ensemble:
+        ensemble_section(args.device)
+
+
+if __name__ == "__main__":
+    main()
