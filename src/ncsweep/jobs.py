@@ -85,14 +85,18 @@ class StopFlag:
         raise SystemExit(128 + (signum or 0))
 
 
-def run_job(cfg: DictConfig) -> dict:
-    """The Hydra task: returns a small status dict; failures leave a FAILED marker."""
+def admit(cfg: DictConfig) -> tuple[JobContext, dict, dict] | dict:
+    """Validate a job and skip a finished one: (context, identity, plain config) or its status."""
     setup_logging()
     context = JobContext(cfg)
     folder = context.folder
     identity = run_identity(cfg, context)
     try:
         plain = validate(cfg)
+        if plain["trainer"].get("ensemble"):
+            from ncsweep.ensemble import check_supported
+
+            check_supported(plain)
     except ConfigError as err:
         if folder.status != "done":
             folder.write_run(identity)
@@ -103,6 +107,16 @@ def run_job(cfg: DictConfig) -> dict:
         folder.record_attempt("skipped")
         log.info("%s: already done, skipped (%s)", context.key, folder.path)
         return {"status": "skipped", "dir": str(folder.path)}
+    return context, identity, plain
+
+
+def run_job(cfg: DictConfig) -> dict:
+    """The Hydra task: returns a small status dict; failures leave a FAILED marker."""
+    admitted = admit(cfg)
+    if isinstance(admitted, dict):
+        return admitted
+    context, identity, plain = admitted
+    folder = context.folder
     folder.write_run(identity)
     stop = StopFlag()
     stop.install()
@@ -202,7 +216,7 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     started = time.perf_counter()
     run = build_run(cfg, plain, read_data=not trainer_cfg["dry_run"])
     summary = {**identity, "epochs": trainer_cfg["epochs"],
-               "batch_size": trainer_cfg["batch_size"]}
+               "batch_size": trainer_cfg["batch_size"], "ensemble": 1}
     summary.pop("created")
     summary.update(run.describe())
     folder.write_config(plain)

@@ -13,15 +13,20 @@ import io
 import json
 import logging
 import os
+import pickle
+import shutil
+import signal
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsweep import cluster
@@ -32,6 +37,8 @@ from ncsweep.tracking import RunFolder
 log = logging.getLogger(__name__)
 JOBS_FILE = ".ncsweep-jobs.jsonl"
 WATCH_KEYS = ("detach", "leave_running_on_interrupt", "poll_s", "log_every_s")
+PACKING_KEYS = ("runs_per_task", "runs_in_parallel")
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 AUTO_DEFAULTS = {"cpus_per_task": 4, "gpus_per_node": 1, "mem_gb": 32}
 REASONS = {
     "PartitionConfig": "the request exceeds what partition {p} allows",
@@ -68,6 +75,76 @@ def job_folders(config: DictConfig, job_overrides: Sequence[Sequence[str]],
             scratch.hydra.job.num = initial_job_idx + idx
             folders.append(sweep_dir / str(OmegaConf.select(scratch, "hydra.sweep.subdir")))
     return folders
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the sweep: its overrides, Hydra job number and run folder."""
+
+    overrides: tuple[str, ...]
+    num: int
+    folder: str
+
+
+Unit = list[Job]  # one run, or the members of an ensemble (jobs differing only in seed)
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def ensemble_on(config: DictConfig, overrides: Sequence[str]) -> bool:
+    """Whether a job asks ``trainer.ensemble``: its own override, else the sweep's config."""
+    for override in overrides:
+        if _override_key(override) == "trainer.ensemble":
+            return override.partition("=")[2].strip().lower() == "true"
+    return bool(OmegaConf.select(config, "trainer.ensemble", default=False))
+
+
+def plan_units(config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+               folders: Sequence[Path]) -> list[Unit]:
+    """The sweep's jobs as units: under trainer.ensemble, jobs differing only in seed are one."""
+    units: list[Unit] = []
+    groups: dict[tuple[str, ...], Unit] = {}
+    for idx, (overrides, folder) in enumerate(zip(job_overrides, folders, strict=True)):
+        job = Job(tuple(overrides), initial_job_idx + idx, str(folder))
+        if not ensemble_on(config, overrides):
+            units.append([job])
+            continue
+        key = tuple(sorted(o for o in overrides if _override_key(o) != "seed"))
+        if key in groups:
+            groups[key].append(job)
+        else:
+            groups[key] = [job]
+            units.append(groups[key])
+    return units
+
+
+def pack(units: Sequence[Unit], runs_per_task: int) -> list[list[Unit]]:
+    """Units into tasks of at most ``runs_per_task`` runs each (an ensemble is never split)."""
+    tasks: list[list[Unit]] = []
+    current: list[Unit] = []
+    size = 0
+    for unit in units:
+        if current and size + len(unit) > runs_per_task:
+            tasks.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += len(unit)
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def _packing(params: dict[str, Any]) -> tuple[int, int]:
+    """``runs_per_task`` and ``runs_in_parallel`` from the launcher's parameters, checked."""
+    values = []
+    for key in PACKING_KEYS:
+        value = params.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"hydra.launcher.{key}", value, "an integer >= 1")
+        values.append(value)
+    return values[0], values[1]
 
 
 def _fail(err: BaseException) -> SystemExit:
@@ -113,13 +190,16 @@ def _executor(kind: str, params: dict[str, Any]) -> Any:
     return executor
 
 
-def _record(sweep_dir: Path, jobs: Sequence[Any], folders: Sequence[Path], kind: str) -> None:
+def _record(sweep_dir: Path, jobs: Sequence[Any], tasks: Sequence[list[Unit]],
+            kind: str) -> None:
     """Append this launch's job ids and run folders to the sweep's job list (for status)."""
     now = time.time()
     with open(sweep_dir / JOBS_FILE, "a") as handle:
-        for job, folder in zip(jobs, folders, strict=True):
-            handle.write(json.dumps({"job_id": str(job.job_id), "folder": folder.name,
-                                     "launcher": kind, "submitted": now}) + "\n")
+        for job, task in zip(jobs, tasks, strict=True):
+            for run in (run for unit in task for run in unit):
+                handle.write(json.dumps({"job_id": str(job.job_id),
+                                         "folder": Path(run.folder).name,
+                                         "launcher": kind, "submitted": now}) + "\n")
 
 
 def _array_summary(jobs: Sequence[Any]) -> str:
@@ -139,32 +219,36 @@ def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
     watch = {k: params.pop(k) for k in WATCH_KEYS if k in params}
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     started = time.time()
+    folders = job_folders(config, job_overrides, initial_job_idx)
     try:
+        per_task, parallel = _packing({k: params.pop(k, 1) for k in PACKING_KEYS})
+        tasks = pack(plan_units(config, job_overrides, initial_job_idx, folders), per_task)
         if kind == "slurm":
-            resolved, line = _preflight(params, len(job_overrides))
+            resolved, line = _preflight(params, len(tasks))
             params.update(resolved)
             plugin.resolved = resolved
         else:
-            line = (f"local: {len(job_overrides)} job(s) as subprocesses of this one, each "
+            line = (f"local: {len(tasks)} job(s) as subprocesses of this one, each "
                     f"{params.get('cpus_per_task') or 1} CPU(s), {params.get('timeout_min')} min")
         executor = _executor(kind, params)
     except (ConfigError, cluster.ClusterError) as err:
         raise _fail(err) from None
+    if len(tasks) < len(job_overrides):
+        line += (f"; {len(job_overrides)} runs, up to {per_task} a job"
+                 + (f", {parallel} at once" if parallel > 1 else ""))
     log.info("%s", line)
-    folders = job_folders(config, job_overrides, initial_job_idx)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if "mode" in config.hydra.sweep:
         os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
     singleton = Singleton.get_state()
-    job_params = [(list(ov), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{i}",
-                   singleton) for i, ov in enumerate(job_overrides)]
+    job_params = [(task, "hydra.sweep.dir", singleton, started) for task in tasks]
     jobs = _submit(executor, plugin, job_params)
     keep = watch.get("leave_running_on_interrupt", False)
     watcher = Watcher(kind, jobs, poll_s=float(watch.get("poll_s", 10.0)),
                       log_every_s=float(watch.get("log_every_s", 60.0)),
                       partition=params.get("partition"))
     try:
-        _record(sweep_dir, jobs, folders, kind)
+        _record(sweep_dir, jobs, tasks, kind)
         if watch.get("detach"):
             log.info("%s: submitted %s, detached; `%s` shows their state, re-running the same "
                      "command skips, resumes or retries them", kind, _array_summary(jobs),
@@ -188,7 +272,7 @@ def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
                         len(open_jobs))
             watcher.cancel(open_jobs)
         raise SystemExit(130) from None
-    return collect(jobs, job_overrides, folders, states, started)
+    return collect(jobs, tasks, states, started)
 
 
 def _submit(executor: Any, plugin: Any, job_params: list[tuple]) -> list[Any]:
@@ -320,52 +404,196 @@ class Watcher:
         return self.states
 
 
-def collect(jobs: Sequence[Any], job_overrides: Sequence[Sequence[str]],
-            folders: Sequence[Path], states: dict[str, cluster.JobState],
-            started: float) -> list[JobReturn]:
-    """One completed JobReturn per job; a job that died outside Python is recorded in its folder."""
-    returns = []
-    for job, overrides, path in zip(jobs, job_overrides, folders, strict=True):
+def collect(jobs: Sequence[Any], tasks: Sequence[list[Unit]],
+            states: dict[str, cluster.JobState], started: float) -> list[JobReturn]:
+    """One completed JobReturn per run, in job order; a run whose task died outside Python is
+    recorded in its folder."""
+    returns: dict[int, JobReturn] = {}
+    for job, task in zip(jobs, tasks, strict=True):
         state = states.get(str(job.job_id), cluster.JobState(str(job.job_id), "UNKNOWN"))
+        runs = [run for unit in task for run in unit]
+        results: dict[int, JobReturn] = {}
         error: str | None = None
         if job.paths.result_pickle.exists() or state.kind == "done":
             try:
-                ret = job.results()[0]
-                if ret.status == JobStatus.COMPLETED:
-                    returns.append(ret)
-                    continue
-                error = f"{type(ret._return_value).__name__}: {ret._return_value}"
+                results = {run.num: ret for run, ret in zip(runs, job.results()[0], strict=True)}
             except Exception as err:
                 error = cluster.first_error_line(str(err))
-        outcome = "interrupted" if state.kind == "interrupted" else "failed"
-        folder = RunFolder(path)
-        last = folder.last_attempt()
-        if last is None or last["time"] < started:
-            if outcome == "failed" and folder.status != "done":
-                folder.mark_failed(RuntimeError(
-                    error or f"SLURM job {job.job_id} ended {state.state or 'unknown'}; its log: "
-                             f"{job.paths.stderr}"), traceback=False)
-            folder.record_attempt(outcome)
-        returns.append(JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
-                                 _return_value={"status": outcome, "dir": str(path),
-                                                "slurm_state": state.state}))
+        for run in runs:
+            ret = results.get(run.num)
+            if ret is not None and ret.status == JobStatus.COMPLETED:
+                returns[run.num] = ret
+                continue
+            if ret is not None:
+                error = f"{type(ret._return_value).__name__}: {ret._return_value}"
+            returns[run.num] = _record_lost(run, job, state, error, started)
+    return [returns[num] for num in sorted(returns)]
+
+
+def _record_lost(run: Job, job: Any, state: cluster.JobState, error: str | None,
+                 started: float) -> JobReturn:
+    """A run without a result: failed (or interrupted) in its folder unless it said so itself."""
+    outcome = "interrupted" if state.kind == "interrupted" else "failed"
+    folder = RunFolder(run.folder)
+    last = folder.last_attempt()
+    if last is None or last["time"] < started:
+        if outcome == "failed" and folder.status != "done":
+            folder.mark_failed(RuntimeError(
+                error or f"SLURM job {job.job_id} ended {state.state or 'unknown'}; its log: "
+                         f"{job.paths.stderr}"), traceback=False)
+        folder.record_attempt(outcome)
+    elif last["outcome"] in ("done", "skipped", "failed", "interrupted"):
+        outcome = last["outcome"]
+    return JobReturn(overrides=list(run.overrides), status=JobStatus.COMPLETED,
+                     _return_value={"status": outcome, "dir": run.folder,
+                                    "slurm_state": state.state})
+
+
+def launch_basic(plugin: Any, job_overrides: Sequence[Sequence[str]],
+                 initial_job_idx: int) -> list[JobReturn]:
+    """Hydra's basic launcher, one job after another here, with ensembles grouped."""
+    setup_globals()
+    config = plugin.config
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    log.info("Launching %d jobs locally", len(job_overrides))
+    folders = job_folders(config, job_overrides, initial_job_idx)
+    launched = time.time()
+    returns: list[JobReturn] = []
+    for unit in plan_units(config, job_overrides, initial_job_idx, folders):
+        returns += run_unit(plugin.hydra_context, plugin.task_function, config, unit,
+                            "hydra.sweep.dir", launched)
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     return returns
 
 
-def run_in_job(plugin: Any, sweep_overrides: list[str], job_dir_key: str, job_num: int,
-               singleton_state: dict[type, Singleton]) -> JobReturn:
-    """On the node: compose the job's config, apply the resources the preflight chose, run it."""
+def _done_here(run: Job, launched: float) -> JobReturn | None:
+    """A run this sweep already finished (before its task was requeued): its result, kept."""
+    folder = RunFolder(run.folder)
+    last = folder.last_attempt()
+    if last is None or last["time"] < launched or last["outcome"] == "interrupted":
+        return None
+    return JobReturn(overrides=list(run.overrides), status=JobStatus.COMPLETED,
+                     _return_value={"status": last["outcome"], "dir": run.folder})
+
+
+def run_unit(hydra_context: Any, task_function: Callable, config: DictConfig, unit: Unit,
+             job_dir_key: str, launched: float, job_id: str | None = None,
+             launcher: dict[str, Any] | None = None) -> list[JobReturn]:
+    """Run one unit in this process, each run with its own Hydra job runtime; one return each.
+
+    A run that this sweep already ended (done, skipped, failed) is not run again; several
+    runs (an ensemble) are admitted one by one and then trained together.
+    """
+    kept = {run.num: _done_here(run, launched) for run in unit}
+    todo = [run for run in unit if kept[run.num] is None]
+    ensemble = len(todo) > 1
+    returns: dict[int, JobReturn] = {}
+    if ensemble:
+        from ncsweep.ensemble import prepare
+
+        task_function = prepare
+    for run in todo:
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(run.overrides))
+        with open_dict(sweep_config.hydra):
+            sweep_config.hydra.job.id = run.num if job_id is None else job_id
+            sweep_config.hydra.job.num = run.num
+            for key, value in (launcher or {}).items():
+                sweep_config.hydra.launcher[key] = value
+        returns[run.num] = run_job(hydra_context=hydra_context, task_function=task_function,
+                                   config=sweep_config, job_dir_key=job_dir_key,
+                                   job_subdir_key="hydra.sweep.subdir")
+    if ensemble:
+        from ncsweep.ensemble import Member, run_group
+
+        members = [(run.num, returns[run.num]) for run in todo
+                   if returns[run.num].status == JobStatus.COMPLETED
+                   and isinstance(returns[run.num].return_value, Member)]
+        statuses = run_group([ret.return_value for _, ret in members])
+        for (_, ret), status in zip(members, statuses, strict=True):
+            ret.return_value = status
+    return [kept[run.num] or returns[run.num] for run in unit]
+
+
+def run_in_job(plugin: Any, units: Sequence[Unit], job_dir_key: str,
+               singleton_state: dict[type, Singleton], launched: float) -> list[JobReturn]:
+    """On the node: the task's runs, each with its own config and the resources the preflight
+    chose, one after another or ``runs_in_parallel`` at a time in forked lanes."""
     import submitit
 
     Singleton.set_state(singleton_state)
     setup_globals()
-    sweep_config = plugin.hydra_context.config_loader.load_sweep_config(plugin.config,
-                                                                        sweep_overrides)
-    with open_dict(sweep_config.hydra):
-        sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
-        sweep_config.hydra.job.num = job_num
-        for key, value in (plugin.resolved or {}).items():
-            sweep_config.hydra.launcher[key] = value
-    return run_job(hydra_context=plugin.hydra_context, task_function=plugin.task_function,
-                   config=sweep_config, job_dir_key=job_dir_key,
-                   job_subdir_key="hydra.sweep.subdir")
+    job_id = submitit.JobEnvironment().job_id
+    resources = dict(plugin.resolved or {})
+    lanes = min(int(plugin.params.get("runs_in_parallel") or 1), len(units))
+    if lanes <= 1:
+        return [ret for unit in units for ret in run_unit(
+            plugin.hydra_context, plugin.task_function, plugin.config, unit, job_dir_key,
+            launched, job_id, resources)]
+    cpus = resources.get("cpus_per_task", plugin.params.get("cpus_per_task"))
+    if isinstance(cpus, int) and not isinstance(cpus, bool):
+        resources["cpus_per_task"] = max(1, cpus // lanes)
+    shares = [list(units[i::lanes]) for i in range(lanes)]
+    by_num = _run_lanes(plugin, shares, job_dir_key, launched, job_id, resources)
+    return [by_num[run.num] for unit in units for run in unit]
+
+
+def _run_lanes(plugin: Any, shares: list[list[Unit]], job_dir_key: str, launched: float,
+               job_id: str, resources: dict[str, Any]) -> dict[int, JobReturn]:
+    """Each share in a forked process sharing the task's devices; a stop signal reaches every
+    lane (each checkpoints its running run), then the task is requeued as a sequential one."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    scratch = Path(tempfile.mkdtemp(prefix="ncsweep-lanes-"))
+    received: list[int] = []
+    children: list[Any] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        for index, share in enumerate(shares):
+            child = context.Process(target=_lane, args=(plugin, share, job_dir_key, launched,
+                                                        job_id, resources,
+                                                        scratch / f"{index}.pkl"))
+            child.start()
+            children.append(child)
+        for child in children:
+            child.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        shutil.rmtree(scratch, ignore_errors=True)
+        handler = previous.get(received[0])
+        if callable(handler):
+            handler(received[0], None)
+        raise SystemExit(128 + received[0])
+    returns: dict[int, JobReturn] = {}
+    for index, (share, child) in enumerate(zip(shares, children, strict=True)):
+        path = scratch / f"{index}.pkl"
+        lost = RuntimeError(f"lane {index} of the task exited with code {child.exitcode}")
+        results = pickle.loads(path.read_bytes()) if path.exists() else None
+        for position, run in enumerate(run for unit in share for run in unit):
+            returns[run.num] = results[position] if results is not None else JobReturn(
+                overrides=list(run.overrides), status=JobStatus.FAILED, _return_value=lost)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return returns
+
+
+def _lane(plugin: Any, share: list[Unit], job_dir_key: str, launched: float, job_id: str,
+          resources: dict[str, Any], result_file: Path) -> None:
+    """A forked lane: its runs one after another; a stop signal ends it after the checkpoint."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    returns = [ret for unit in share for ret in run_unit(
+        plugin.hydra_context, plugin.task_function, plugin.config, unit, job_dir_key, launched,
+        job_id, resources)]
+    slim = [JobReturn(overrides=ret.overrides, status=ret.status, hydra_cfg=ret.hydra_cfg,
+                      _return_value=ret._return_value) for ret in returns]
+    result_file.write_bytes(pickle.dumps(slim))

@@ -244,7 +244,7 @@ class Trainer:
                  checkpoint_every: int | None = None, deterministic: bool = False,
                  dry_run: bool = False, resume: str = "auto", progress: bool = True,
                  on_nonfinite: str = "fail", max_feature_bytes: int = 512 * 2**20,
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, ensemble: bool = False) -> None:
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
         self.device = resolve_device(device)
         self.eval_every = eval_every
@@ -252,6 +252,7 @@ class Trainer:
         self.deterministic, self.dry_run, self.resume = deterministic, dry_run, resume
         self.progress, self.on_nonfinite = progress, on_nonfinite
         self.max_feature_bytes = max_feature_bytes
+        self.ensemble = ensemble  # the launchers group the seeds; a lone run trains alone
         self._live = Progress(progress)
         if cpu_threads:
             torch.set_num_threads(cpu_threads)

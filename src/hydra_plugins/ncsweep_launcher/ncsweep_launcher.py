@@ -1,4 +1,4 @@
-"""The ``ncsweep_slurm`` and ``ncsweep_local`` Hydra launchers (conf/launcher/*.yaml pick them).
+"""The ``ncsweep_basic``, ``ncsweep_local`` and ``ncsweep_slurm`` Hydra launchers (conf/launcher/).
 
 Hydra accepts launchers only from the ``hydra_plugins`` package and imports every module in it
 at start-up, so this module stays small: the work lives in :mod:`ncsweep.launcher`, imported
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher, BasicLauncherConf
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
@@ -22,10 +23,19 @@ PACKAGE = "hydra_plugins.ncsweep_launcher.ncsweep_launcher"
 
 
 @dataclass
+class NcsweepBasicConf(BasicLauncherConf):
+    """Jobs one after another in this process; seeds trained together under trainer.ensemble."""
+
+    _target_: str = f"{PACKAGE}.NcsweepBasicLauncher"
+
+
+@dataclass
 class NcsweepLocalConf(LocalQueueConf):
     """submitit subprocesses on this machine, watched until they end."""
 
     _target_: str = f"{PACKAGE}.NcsweepLocalLauncher"
+    runs_per_task: int = 1
+    runs_in_parallel: int = 1
     leave_running_on_interrupt: bool = False
     poll_s: float = 10.0
     log_every_s: float = 60.0
@@ -36,6 +46,8 @@ class NcsweepSlurmConf(SlurmQueueConf):
     """A SLURM job array; ``auto`` resources are read from the partition before submitting."""
 
     _target_: str = f"{PACKAGE}.NcsweepSlurmLauncher"
+    runs_per_task: int = 1
+    runs_in_parallel: int = 1
     cpus_per_task: Any = "auto"
     gpus_per_node: Any = "auto"
     mem_gb: Any = "auto"
@@ -56,11 +68,22 @@ class _Watched:
 
         return launch(self, job_overrides, initial_job_idx)
 
-    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
-                 singleton_state: dict[type, Singleton]) -> JobReturn:
+    def __call__(self, units: list, job_dir_key: str, singleton_state: dict[type, Singleton],
+                 launched: float) -> list[JobReturn]:
+        """One submitit task: its runs (ncsweep.launcher.Unit lists), one JobReturn per run."""
         from ncsweep.launcher import run_in_job
 
-        return run_in_job(self, sweep_overrides, job_dir_key, job_num, singleton_state)
+        return run_in_job(self, units, job_dir_key, singleton_state, launched)
+
+
+class NcsweepBasicLauncher(BasicLauncher):
+    """``launcher=basic``: Hydra's basic launcher, with seeds grouped under trainer.ensemble."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        from ncsweep.launcher import launch_basic
+
+        return launch_basic(self, job_overrides, initial_job_idx)
 
 
 class NcsweepLocalLauncher(_Watched, LocalLauncher):
@@ -71,6 +94,8 @@ class NcsweepSlurmLauncher(_Watched, SlurmLauncher):
     """``launcher=slurm``."""
 
 
+ConfigStore.instance().store(group="hydra/launcher", name="ncsweep_basic",
+                             node=NcsweepBasicConf(), provider="ncsweep")
 ConfigStore.instance().store(group="hydra/launcher", name="ncsweep_local",
                              node=NcsweepLocalConf(), provider="ncsweep")
 ConfigStore.instance().store(group="hydra/launcher", name="ncsweep_slurm",

@@ -34,7 +34,7 @@ NOT_SETTINGS = frozenset({
     "seed", "head", "dim", "feature_dim", "name", "run_key", "path", "status", "reason",
     "source", "created", "code_commit", "code_dirty", "launcher", "device", "peak_memory_kind",
     "variant", "overrides", "format", "diverged", "reached_global_optimum",
-    "spurious_minimum_suspect", "setting", "d_kind", "d_large", "condition"})
+    "spurious_minimum_suspect", "setting", "d_kind", "d_large", "condition", "ensemble"})
 NUMERIC_SETTINGS = ("num_classes",)
 HEAD_OPTIONS = ("embedding",)
 HEAD_OVERRIDE_PREFIX = "head."

@@ -39,7 +39,8 @@ EXTRA_COLUMNS = ("reason", "source", "variant", "diverged", "last_epoch",
 HISTORY_ID = ("name", "run_key", "path", "status", "dataset", "arch", "loss", "head",
               "embedding", "feature_dim", "num_classes", "dim", "seed", "optim")
 RUN_MARKERS = (RUN_FILE, CONFIG_FILE, SUMMARY_FILE, FAILED, RunFolder.ATTEMPT_FILE)
-NOT_VARIANT = ("seed", "head", "dim", "name", "logger", "launcher", "trainer.resume",
+NOT_VARIANT = ("seed", "head", "dim", "name", "logger", "launcher", "trainer.ensemble",
+               "trainer.resume",
                "trainer.progress", "trainer.device", "dataset", "arch", "loss", "optim",
                "schedule", "experiment")
 NOT_VARIANT_PREFIXES = ("hydra.", "logger.", "launcher.")
