@@ -1,0 +1,132 @@
+"""Planning a sweep: its run folders, ensemble groups, and runs packed into tasks."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ncsweep.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+JOBS_FILE = ".ncsweep-jobs.jsonl"
+WATCH_KEYS = ("detach", "leave_running_on_interrupt", "poll_s", "log_every_s")
+PACKING_KEYS = ("runs_per_task", "runs_in_parallel")
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+AUTO_DEFAULTS = {"cpus_per_task": 4, "gpus_per_node": 1, "mem_gb": 32}
+REASONS = {
+    "PartitionConfig": "the request exceeds what partition {p} allows",
+    "PartitionDown": "partition {p} is DOWN",
+    "PartitionInactive": "partition {p} is INACTIVE",
+    "PartitionTimeLimit": "the time limit exceeds partition {p}'s MaxTime",
+    "PartitionNodeLimit": "the node count is outside partition {p}'s limits",
+    "ReqNodeNotAvail": "no node of partition {p} is up",
+    "InvalidAccount": "the account is unknown or not allowed here",
+    "InvalidQOS": "the QoS is unknown or not allowed here",
+}
+
+
+def status_command(sweep_dir: Path) -> str:
+    return f"python -m ncsweep.status {sweep_dir}"
+
+
+def job_folders(config: DictConfig, job_overrides: Sequence[Sequence[str]],
+                initial_job_idx: int) -> list[Path]:
+    """Each job's run folder, resolved as Hydra will resolve it in the job."""
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    naming = config.hydra.job.config.override_dirname
+    exclude = set(naming.exclude_keys)
+    parser = OverridesParser.create()
+    scratch = copy.deepcopy(config)
+    folders = []
+    with open_dict(scratch):
+        for idx, overrides in enumerate(job_overrides):
+            parsed = [o for o in parser.parse_overrides(list(overrides))
+                      if not o.key_or_group.startswith("hydra.")
+                      and o.key_or_group not in exclude]
+            line = naming.item_sep.join(sorted(str(o.input_line) for o in parsed))
+            scratch.hydra.job.override_dirname = line.replace("=", naming.kv_sep)
+            scratch.hydra.job.num = initial_job_idx + idx
+            folders.append(sweep_dir / str(OmegaConf.select(scratch, "hydra.sweep.subdir")))
+    return folders
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the sweep: its overrides, Hydra job number and run folder."""
+
+    overrides: tuple[str, ...]
+    num: int
+    folder: str
+
+
+Unit = list[Job]  # one run, or the members of an ensemble (jobs differing only in seed)
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def ensemble_on(config: DictConfig, overrides: Sequence[str]) -> bool:
+    """Whether a job asks ``trainer.ensemble``: its own override, else the sweep's config."""
+    for override in overrides:
+        if _override_key(override) == "trainer.ensemble":
+            return override.partition("=")[2].strip().lower() == "true"
+    return bool(OmegaConf.select(config, "trainer.ensemble", default=False))
+
+
+def plan_units(config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+               folders: Sequence[Path]) -> list[Unit]:
+    """The sweep's jobs as units: under trainer.ensemble, jobs differing only in seed are one."""
+    units: list[Unit] = []
+    groups: dict[tuple[str, ...], Unit] = {}
+    for idx, (overrides, folder) in enumerate(zip(job_overrides, folders, strict=True)):
+        job = Job(tuple(overrides), initial_job_idx + idx, str(folder))
+        if not ensemble_on(config, overrides):
+            units.append([job])
+            continue
+        key = tuple(sorted(o for o in overrides if _override_key(o) != "seed"))
+        if key in groups:
+            groups[key].append(job)
+        else:
+            groups[key] = [job]
+            units.append(groups[key])
+    return units
+
+
+def pack(units: Sequence[Unit], runs_per_task: int) -> list[list[Unit]]:
+    """Units into tasks of at most ``runs_per_task`` runs each (an ensemble is never split)."""
+    tasks: list[list[Unit]] = []
+    current: list[Unit] = []
+    size = 0
+    for unit in units:
+        if current and size + len(unit) > runs_per_task:
+            tasks.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += len(unit)
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def _packing(params: dict[str, Any]) -> tuple[int, int]:
+    """``runs_per_task`` and ``runs_in_parallel`` from the launcher's parameters, checked."""
+    values = []
+    for key in PACKING_KEYS:
+        value = params.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"hydra.launcher.{key}", value, "an integer >= 1")
+        values.append(value)
+    return values[0], values[1]
+
+

@@ -1,0 +1,181 @@
+"""Submitting a sweep: preflight, one submission, the record of what was submitted."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+
+from ncsweep import cluster
+from ncsweep.config import ConfigError
+from ncsweep.console import setup_logging
+from ncsweep.launcher.plan import (
+    AUTO_DEFAULTS,
+    JOBS_FILE,
+    PACKING_KEYS,
+    WATCH_KEYS,
+    Unit,
+    _packing,
+    job_folders,
+    pack,
+    plan_units,
+    status_command,
+)
+from ncsweep.launcher.watch import Watcher, collect
+
+log = logging.getLogger(__name__)
+
+
+def _fail(err: BaseException) -> SystemExit:
+    log.error("error: %s", err)
+    return SystemExit(2)
+
+
+def _preflight(params: dict[str, Any], jobs: int) -> tuple[dict[str, Any], str]:
+    """Fill ``auto`` resources and the partition; refuse what can never run; the line to say."""
+
+    if shutil.which("sbatch") is None:
+        raise cluster.ClusterError("sbatch is not on PATH: launcher=slurm needs a SLURM client "
+                                   "(on a machine without SLURM use launcher=local)")
+    partition = cluster.read_partition(params.get("partition"))
+    cluster.check_account_qos(params.get("account"), params.get("qos"), partition)
+    cluster.check_time(int(params.get("timeout_min") or 0), partition)
+    asked = {k: params.get(k) for k in (*cluster.RESOURCE_KEYS, "tasks_per_node")}
+    resolved: dict[str, Any] = cluster.resolve_resources(asked, AUTO_DEFAULTS, partition)
+    autos = [k for k in cluster.RESOURCE_KEYS if params.get(k) == cluster.AUTO]
+    gpus = resolved["gpus_per_node"]
+    line = (f"slurm: {jobs} job(s) on partition {partition.name}, each "
+            f"{resolved['cpus_per_task'] or 'default'} CPU(s), "
+            f"{resolved['mem_gb'] if resolved['mem_gb'] else 'default'} GB, "
+            f"{gpus or 'no'} GPU(s), {params.get('timeout_min')} min"
+            + (f" (auto: {', '.join(autos)})" if autos else ""))
+    return {**resolved, "partition": partition.name}, line
+
+
+def _executor(kind: str, params: dict[str, Any]) -> Any:
+    """submitit's executor with the launcher's parameters, mapped as the upstream launcher maps."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    init = {"folder": params["submitit_folder"]}
+    if "max_num_timeout" in params:
+        init[f"{kind}_max_num_timeout"] = params["max_num_timeout"]
+    executor = submitit.AutoExecutor(cluster=kind, **init)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{
+        k if k in base else f"{kind}_{k}": v for k, v in params.items()
+        if k not in ("submitit_folder", "max_num_timeout")})
+    return executor
+
+
+def _record(sweep_dir: Path, jobs: Sequence[Any], tasks: Sequence[list[Unit]],
+            kind: str) -> None:
+    """Append this launch's job ids and run folders to the sweep's job list (for status)."""
+    now = time.time()
+    with open(sweep_dir / JOBS_FILE, "a") as handle:
+        for job, task in zip(jobs, tasks, strict=True):
+            for run in (run for unit in task for run in unit):
+                handle.write(json.dumps({"job_id": str(job.job_id),
+                                         "folder": Path(run.folder).name,
+                                         "launcher": kind, "submitted": now}) + "\n")
+
+
+def _array_summary(jobs: Sequence[Any]) -> str:
+    ids = [str(j.job_id) for j in jobs]
+    arrays = sorted({i.split("_")[0] for i in ids})
+    return f"{len(ids)} job(s): {ids[0]}" + (f" .. {ids[-1]}" if len(ids) > 1 else "") + (
+        f" (array {arrays[0]})" if len(arrays) == 1 and "_" in ids[0] else "")
+
+
+def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
+           initial_job_idx: int) -> list[JobReturn]:
+    """Submit every job of the batch once, watch them, and hand Hydra one result per job."""
+    setup_logging()
+    kind = plugin._EXECUTOR
+    config = plugin.config
+    params = dict(plugin.params)
+    watch = {k: params.pop(k) for k in WATCH_KEYS if k in params}
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    started = time.time()
+    folders = job_folders(config, job_overrides, initial_job_idx)
+    try:
+        per_task, parallel = _packing({k: params.pop(k, 1) for k in PACKING_KEYS})
+        tasks = pack(plan_units(config, job_overrides, initial_job_idx, folders), per_task)
+        if kind == "slurm":
+            resolved, line = _preflight(params, len(tasks))
+            params.update(resolved)
+            plugin.resolved = resolved
+        else:
+            line = (f"local: {len(tasks)} job(s) as subprocesses of this one, each "
+                    f"{params.get('cpus_per_task') or 1} CPU(s), {params.get('timeout_min')} min")
+        executor = _executor(kind, params)
+    except (ConfigError, cluster.ClusterError) as err:
+        raise _fail(err) from None
+    if len(tasks) < len(job_overrides):
+        line += (f"; {len(job_overrides)} runs, up to {per_task} a job"
+                 + (f", {parallel} at once" if parallel > 1 else ""))
+    log.info("%s", line)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in config.hydra.sweep:
+        os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
+    singleton = Singleton.get_state()
+    job_params = [(task, "hydra.sweep.dir", singleton, started) for task in tasks]
+    jobs = _submit(executor, plugin, job_params)
+    keep = watch.get("leave_running_on_interrupt", False)
+    watcher = Watcher(kind, jobs, poll_s=float(watch.get("poll_s", 10.0)),
+                      log_every_s=float(watch.get("log_every_s", 60.0)),
+                      partition=params.get("partition"))
+    try:
+        _record(sweep_dir, jobs, tasks, kind)
+        if watch.get("detach"):
+            log.info("%s: submitted %s, detached; `%s` shows their state, re-running the same "
+                     "command skips, resumes or retries them", kind, _array_summary(jobs),
+                     status_command(sweep_dir))
+            return [JobReturn(overrides=list(ov), status=JobStatus.COMPLETED,
+                              _return_value={"status": "submitted", "dir": str(f)})
+                    for ov, f in zip(job_overrides, folders, strict=True)]
+        log.info("%s: submitted %s; Ctrl-C %s", kind, _array_summary(jobs),
+                 "leaves them running" if keep else
+                 "cancels them (hydra.launcher.leave_running_on_interrupt=true leaves them "
+                 "running)")
+        states = watcher.run()
+    except KeyboardInterrupt:
+        watcher.progress.clear()
+        open_jobs = [j for j in jobs if not watcher.finished(j)]
+        if keep:
+            log.warning("interrupted: leaving %d job(s) running; `%s` shows them",
+                        len(open_jobs), status_command(sweep_dir))
+        else:
+            log.warning("interrupted: cancelling the sweep's %d unfinished job(s)",
+                        len(open_jobs))
+            watcher.cancel(open_jobs)
+        raise SystemExit(130) from None
+    return collect(jobs, tasks, states, started)
+
+
+def _submit(executor: Any, plugin: Any, job_params: list[tuple]) -> list[Any]:
+    """One submission for the whole batch; sbatch's refusal becomes one line, exit 2."""
+    from submitit.core.utils import FailedJobError
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return executor.map_array(plugin, *zip(*job_params, strict=True))
+    except FailedJobError as err:
+        message = cluster.first_error_line(str(err) or captured.getvalue())
+        raise _fail(cluster.ClusterError(f"sbatch refused the sweep: {message}")) from None
+    except OSError as err:
+        raise _fail(cluster.ClusterError(f"the sweep could not be submitted: {err}")) from None
+
+
