@@ -90,7 +90,10 @@ def test_a_cancelled_job_ends_in_the_summary_line_and_resumes(local_slurm: str,
     assert folder.last_attempt()["outcome"] == "interrupted"
     again = run_cli(args[3:], tmp_path, timeout=300)
     assert again.returncode == 0 and "1 done" in again.stdout, again.stderr[-3000:]
-    assert folder.read_summary()["resumed_from_epoch"] >= 1
+    summary = folder.read_summary()
+    assert summary["resumed_from_epoch"] >= 1 and summary["attempts"] == 2
+    for kind in ("wall", "train"):  # the cancelled attempt's time is counted too
+        assert summary[f"{kind}_time_s"] > summary[f"last_attempt_{kind}_time_s"] > 0
 
 
 def _running_job_id() -> str:
