@@ -261,14 +261,8 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     except BaseException:
         mirror.finish(exit_code=1)
         raise
-    summary.update(status="done", resumed_from_epoch=state["epoch"] if state else None,
-                   **result.final, **_memory_fields(result.peak_memory, result.train_memory),
-                   **_times(time.perf_counter() - started, earlier_wall, result, attempts),
-                   time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
-                   samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
-    summary.update(run.final_checks(result.final))
-    for name, text in getattr(run.model.backbone, "run_files", dict)().items():
-        write_atomic(folder.file(name), text)
+    finish_run(folder, run, summary, result, state, time.perf_counter() - started, earlier_wall,
+               attempts)
     if summary.get("spurious_minimum_suspect"):
         log.warning("WARNING spurious_minimum_suspect: gradient norm %.2e, objective gap %.2e, "
                     "smallest Hessian eigenvalue %.2e (no negative curvature)",
@@ -277,6 +271,19 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     mirror.finish(summary)
     folder.mark_done()
     return summary
+
+
+def finish_run(folder: RunFolder, run: Any, summary: dict, result: Any, state: dict | None,
+               wall: float, earlier_wall: float, attempts: int) -> None:
+    """A finished fit into the summary (results, memory, times, final checks), run files written."""
+    summary.update(status="done", resumed_from_epoch=state["epoch"] if state else None,
+                   **result.final, **_memory_fields(result.peak_memory, result.train_memory),
+                   **_times(wall, earlier_wall, result, attempts),
+                   time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
+                   samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
+    summary.update(run.final_checks(result.final))
+    for name, text in run.model.backbone.run_files().items():
+        write_atomic(folder.file(name), text)
 
 
 def _times(wall: float, earlier_wall: float, result: Any, attempts: int) -> dict:

@@ -284,15 +284,14 @@ class Trainer:
             resume_state: dict | None = None) -> FitResult:
         """Train from scratch or from ``resume_state``; every eval row goes to ``on_eval``.
 
-        A backbone with a ``fit_starts`` hook (the UFM's batched random starts) may take the
-        loop over: a result from it is returned as is, None lets the loop below run.
+        The backbone's ``fit_starts`` hook (the UFM's batched random starts) may take the loop
+        over: a result from it is returned as is, None lets the loop below run.
         """
-        takeover = getattr(model.backbone, "fit_starts", None)
-        if takeover is not None:
-            result = takeover(self, model, loss_fn, optimizer, scheduler, data, seed, on_eval,
-                              on_checkpoint, stop_requested, resume_state)
-            if result is not None:
-                return result
+        result = model.backbone.fit_starts(self, model, loss_fn, optimizer, scheduler, data,
+                                           seed, on_eval, on_checkpoint, stop_requested,
+                                           resume_state)
+        if result is not None:
+            return result
         generator = torch.Generator().manual_seed(seed)
         start_epoch, step, skip = 0, 0, 0
         if resume_state is not None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from ncsweep.ensemble.stacked import EnsembleFit
 from ncsweep.errors import ConfigError
-from ncsweep.tracking import CheckpointError, NoMirror, WandbMirror, write_atomic
+from ncsweep.tracking import CheckpointError, NoMirror, WandbMirror
 
 log = logging.getLogger(__name__)
 
@@ -202,18 +202,12 @@ def _build(members: list[Member]) -> None:
 
 def _finish(m: Member, result: Any, started: float) -> dict:
     """Write one member's summary, run files and DONE exactly as a solo run does."""
-    from ncsweep.jobs import _memory_fields, _times
+    from ncsweep.jobs import finish_run
 
     folder = m.context.folder
     summary = m.summary
-    summary.update(status="done", resumed_from_epoch=m.state["epoch"] if m.state else None,
-                   **result.final, **_memory_fields(result.peak_memory, result.train_memory),
-                   **_times(time.perf_counter() - started, m.earlier_wall, result, m.attempts),
-                   time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
-                   samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
-    summary.update(m.run.final_checks(result.final))
-    for name, text in getattr(m.run.model.backbone, "run_files", dict)().items():
-        write_atomic(folder.file(name), text)
+    finish_run(folder, m.run, summary, result, m.state, time.perf_counter() - started,
+               m.earlier_wall, m.attempts)
     folder.write_summary(summary)
     m.mirror.finish(summary)
     folder.mark_done()

@@ -58,6 +58,18 @@ class Backbone(nn.Module):
         """Model-specific end-of-run checks added to the summary."""
         return {}
 
+    def fit_starts(self, *fit: Any) -> Any:
+        """A training loop of the backbone's own in place of the Trainer's (None: the Trainer's).
+
+        Called with the Trainer and the arguments of ``Trainer.fit``; the UFM's batched random
+        starts use it.
+        """
+        return None
+
+    def run_files(self) -> dict[str, str]:
+        """Extra run-folder files by name, as text, written before DONE."""
+        return {}
+
 
 class Network(nn.Module):
     """backbone -> d features -> head; ``features_and_logits`` gives the head's exact input."""
