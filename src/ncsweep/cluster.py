@@ -193,8 +193,9 @@ def resolve_resources(asked: Mapping[str, Any], defaults: Mapping[str, int],
                       partition: Partition) -> dict[str, int | None]:
     """Fill ``auto`` resources from the partition; refuse what no node can ever give.
 
-    ``auto`` asks one GPU where the partition's nodes have GPUs (else none), and the default
-    CPUs and memory, trimmed to what one node has. Values the user set are kept as they are.
+    ``auto`` asks a GPU per task (tasks_per_node) where the partition's nodes have GPUs (else
+    none), and the default CPUs and memory, trimmed to what one node has. Values the user set
+    are kept as they are.
     """
     def number(key: str) -> int | None:
         value = asked.get(key)
@@ -206,9 +207,13 @@ def resolve_resources(asked: Mapping[str, Any], defaults: Mapping[str, int],
 
     cpus, gpus, mem = number("cpus_per_task"), number("gpus_per_node"), number("mem_gb")
     tasks = int(asked.get("tasks_per_node") or 1)
+    nodes = int(asked.get("nodes") or 1)
     where = f"({partition.offers()})"
     if not partition.nodes:
         raise ClusterError(f"{partition.offers()}: nothing can run there")
+    if nodes > len(partition.nodes):
+        raise ConfigError("hydra.launcher.nodes", nodes, f"at most {len(partition.nodes)} "
+                          f"{where}")
     if gpus is not None and gpus > partition.gpus_max:
         raise ConfigError("hydra.launcher.gpus_per_node", gpus, f"at most {partition.gpus_max} "
                           f"{where}")
@@ -219,7 +224,10 @@ def resolve_resources(asked: Mapping[str, Any], defaults: Mapping[str, int],
     if mem is not None and mem > partition.mem_gb_max:
         raise ConfigError("hydra.launcher.mem_gb", mem, f"at most {partition.mem_gb_max} {where}")
     if gpus == -1:
-        gpus = 1 if partition.gpus_max > 0 else None
+        gpus = min(tasks, partition.gpus_max) if partition.gpus_max > 0 else None
+    if gpus and tasks > gpus:
+        raise ConfigError("hydra.launcher.tasks_per_node", tasks,
+                          f"at most gpus_per_node={gpus} (each rank binds one GPU of its node)")
     candidates = [n for n in partition.nodes if n.gpus >= (gpus or 0)]
     if cpus == -1:
         most = max(min(n.cpus, partition.max_cpus_per_node or n.cpus) for n in candidates)

@@ -21,9 +21,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from ncsweep import distributed
 from ncsweep.config import ConfigError, run_key, validate
 from ncsweep.console import setup_logging
-from ncsweep.tracking import CheckpointError, RunFolder, write_atomic
+from ncsweep.tracking import CheckpointError, NoMirror, RunFolder, write_atomic
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 IDENTITY_GROUPS = ("dataset", "arch", "head", "loss", "optim", "schedule", "launcher",
@@ -38,7 +39,7 @@ class JobContext:
 
     def __init__(self, cfg: DictConfig) -> None:
         hydra = HydraConfig.get()
-        self.folder = RunFolder(hydra.runtime.output_dir)
+        self.folder = RunFolder(hydra.runtime.output_dir, writer=distributed.is_writer())
         self.key = run_key(hydra.job.override_dirname)
         self.name = str(cfg.get("name", "default"))
         self.choices = {k: v for k, v in hydra.runtime.choices.items()
@@ -97,13 +98,14 @@ def admit(cfg: DictConfig) -> tuple[JobContext, dict, dict] | dict:
             from ncsweep.ensemble import check_supported
 
             check_supported(plain)
+        _check_ranks(plain)
     except ConfigError as err:
         if folder.status != "done":
             folder.write_run(identity)
         return _fail(context, err, f"error: {err}", before_work=True)
     trainer_cfg = plain["trainer"]
-    if (folder.status == "done" and trainer_cfg["resume"] != "never"
-            and not trainer_cfg["dry_run"]):
+    if (distributed.broadcast_object(folder.status) == "done"
+            and trainer_cfg["resume"] != "never" and not trainer_cfg["dry_run"]):
         folder.record_attempt("skipped")
         log.info("%s: already done, skipped (%s)", context.key, folder.path)
         return {"status": "skipped", "dir": str(folder.path)}
@@ -127,6 +129,8 @@ def run_job(cfg: DictConfig) -> dict:
         stop.hand_over()
     except Exception as err:
         err = _root_cause(err)
+        if distributed.is_distributed():
+            _fail_ranks(context, err)
         if isinstance(err, USER_ERRORS):
             return _fail(context, err, f"error: {err}")
         return _fail(context, err, f"{context.key} FAILED: {type(err).__name__}: "
@@ -142,6 +146,44 @@ class StopRequestedExit(Exception):
     """Raised after a preemption checkpoint so run_job hands the signal on."""
 
 
+class RankLost(RuntimeError):
+    """A distributed run lost a rank: it died, or hung past the collective timeout."""
+
+
+def _check_ranks(plain: dict) -> None:
+    """What cannot run on several ranks is refused in one line before any work."""
+    world = distributed.world_size()
+    if world == 1:
+        return
+    if plain["arch"].get("starts") is not None:
+        raise ConfigError("arch.starts", plain["arch"]["starts"],
+                          f"null on {world} ranks (batched random starts run on one device)")
+    if plain["trainer"]["dry_run"]:
+        raise ConfigError("trainer.dry_run", True, f"false on {world} ranks (a dry run is one "
+                          "step on one device; run it with hydra.launcher.tasks_per_node=1)")
+
+
+def _fail_ranks(context: JobContext, err: BaseException) -> None:
+    """A failure on one of several ranks ends the whole task: the group may be broken.
+
+    A lost peer is named by a roll call; the lowest surviving rank writes FAILED when rank 0
+    is the one lost. Raises SystemExit, so no rank goes on to the next run of its task.
+    """
+    if distributed.is_comm_failure(err):
+        absent = distributed.absent_ranks()
+        me, world = distributed.rank(), distributed.world_size()
+        survivors = [r for r in range(world) if r not in absent] or [me]
+        context.folder.writer = me == min(survivors)
+        lost = ", ".join(map(str, absent)) if absent else "unknown"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        err = RankLost(f"rank {lost} of {world} died or stopped answering (collective timeout "
+                       f"{distributed.timeout_s():.0f} s); rank {me} saw: {first[:200]}")
+    line = (f"error: {err}" if isinstance(err, USER_ERRORS)
+            else f"{context.key} FAILED: {type(err).__name__}: {err}")
+    _fail(context, err, line, traceback=not isinstance(err, RankLost))
+    raise SystemExit(1)
+
+
 def _root_cause(err: BaseException) -> BaseException:
     """The builder's own error, not Hydra's InstantiationException wrapped around it."""
     while isinstance(err, InstantiationException) and err.__cause__ is not None:
@@ -151,11 +193,13 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 
-def _fail(context: JobContext, err: BaseException, line: str, before_work: bool = False) -> dict:
+def _fail(context: JobContext, err: BaseException, line: str, before_work: bool = False,
+          traceback: bool | None = None) -> dict:
     """Mark the job failed; an error found before any work leaves a finished run's DONE alone."""
     if not (before_work and context.folder.status == "done"):
         context.folder.prepare()
-        context.folder.mark_failed(err, traceback=not isinstance(err, USER_ERRORS))
+        context.folder.mark_failed(err, traceback=not isinstance(err, USER_ERRORS)
+                                   if traceback is None else traceback)
     context.folder.record_attempt("failed")
     log.error("%s", line)
     if not context.multirun:
@@ -216,7 +260,9 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     started = time.perf_counter()
     run = build_run(cfg, plain, read_data=not trainer_cfg["dry_run"])
     summary = {**identity, "epochs": trainer_cfg["epochs"],
-               "batch_size": trainer_cfg["batch_size"], "ensemble": 1}
+               "batch_size": trainer_cfg["batch_size"], "ensemble": 1,
+               "world_size": distributed.world_size(),
+               "sync_batchnorm": bool(trainer_cfg.get("sync_batchnorm"))}
     summary.pop("created")
     summary.update(run.describe())
     folder.write_config(plain)
@@ -228,13 +274,14 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
                        **_memory_fields(peak, account))
         folder.write_summary(summary)
         return summary
-    state = folder.load_checkpoint(context.key) if resume != "never" else None
+    state = distributed.broadcast_object(
+        folder.load_checkpoint(context.key) if resume != "never" and folder.writer else None)
     if resume == "must" and state is None:
         raise CheckpointError(f"trainer.resume=must but {folder.file('checkpoint.pt')} does "
                               "not exist")
     rows = [r for r in folder.read_metrics() if state is not None and r["epoch"] <= state["epoch"]]
     folder.keep_metrics(rows)
-    mirror = run.logger
+    mirror = run.logger if folder.writer else NoMirror()
     mirror.start(folder.path, context.wandb_id, context.key, context.name, plain,
                  quiet=not trainer_cfg["progress"])
 
@@ -283,7 +330,8 @@ def finish_run(folder: RunFolder, run: Any, summary: dict, result: Any, state: d
                    samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
     summary.update(run.final_checks(result.final))
     for name, text in run.model.backbone.run_files().items():
-        write_atomic(folder.file(name), text)
+        if folder.writer:
+            write_atomic(folder.file(name), text)
 
 
 def _times(wall: float, earlier_wall: float, result: Any, attempts: int) -> dict:

@@ -6,12 +6,13 @@ through :class:`RunFolder`, so the two can never disagree on a file's layout.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from traceback import format_exception
 from typing import Any
@@ -53,13 +54,28 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _writes(method: Callable) -> Callable:
+    """A folder write that a reading-only folder (a rank other than 0) skips."""
+    @functools.wraps(method)
+    def guarded(self: RunFolder, *args: Any, **kwargs: Any) -> None:
+        if self.writer:
+            method(self, *args, **kwargs)
+
+    return guarded
+
+
 class RunFolder:
-    """One run's folder and the files in it."""
+    """One run's folder and the files in it.
+
+    ``writer=False`` (every rank but 0 of a distributed run) reads the folder and skips
+    every write, so one process writes each file.
+    """
 
     ATTEMPT_FILE = "attempt.json"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -75,18 +91,21 @@ class RunFolder:
             return "started"
         return "new"
 
+    @_writes
     def prepare(self) -> None:
         """Create the folder and drop markers left by an earlier attempt."""
         self.path.mkdir(parents=True, exist_ok=True)
         for marker in (DONE, FAILED):
             self.file(marker).unlink(missing_ok=True)
 
+    @_writes
     def reset(self) -> None:
         """Forget an earlier attempt's results (metrics, summary, checkpoint, markers)."""
         self.prepare()
         for name in (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE):
             self.file(name).unlink(missing_ok=True)
 
+    @_writes
     def write_run(self, identity: Mapping) -> None:
         """The run's identity (``run.json``), written at job start so even a failed run has one."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -96,12 +115,14 @@ class RunFolder:
     def read_run(self) -> dict:
         return json.loads(self.file(RUN_FILE).read_text())
 
+    @_writes
     def write_config(self, config: Mapping) -> None:
         write_atomic(self.file(CONFIG_FILE), json.dumps(_jsonable(config), indent=2))
 
     def read_config(self) -> dict:
         return json.loads(self.file(CONFIG_FILE).read_text())
 
+    @_writes
     def append_metrics(self, row: Mapping) -> None:
         """Append one eval row and flush it, so a killed run keeps every row it logged."""
         with open(self.file(METRICS_FILE), "a") as handle:
@@ -121,22 +142,26 @@ class RunFolder:
                 break
         return rows
 
+    @_writes
     def keep_metrics(self, rows: Iterable[Mapping]) -> None:
         """Replace the metrics file by ``rows`` (used on resume, so no row is written twice)."""
         write_atomic(self.file(METRICS_FILE),
                      "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
+    @_writes
     def write_summary(self, summary: Mapping) -> None:
         write_atomic(self.file(SUMMARY_FILE), json.dumps(_jsonable(summary), indent=2))
 
     def read_summary(self) -> dict:
         return json.loads(self.file(SUMMARY_FILE).read_text())
 
+    @_writes
     def mark_done(self) -> None:
         """Written last: a folder with DONE holds a complete, finished run."""
         self.file(FAILED).unlink(missing_ok=True)
         write_atomic(self.file(DONE), "")
 
+    @_writes
     def mark_failed(self, error: BaseException, traceback: bool = True) -> None:
         """FAILED holds the one-line reason, then the traceback unless it was the user's input."""
         self.file(DONE).unlink(missing_ok=True)
@@ -145,6 +170,7 @@ class RunFolder:
             reason += "\n" + "".join(format_exception(type(error), error, error.__traceback__))
         write_atomic(self.file(FAILED), reason)
 
+    @_writes
     def record_attempt(self, outcome: str) -> None:
         """What the latest launch of this job did (done, skipped, failed, interrupted) and when."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -161,6 +187,7 @@ class RunFolder:
         lines = path.read_text().splitlines() if path.exists() else []
         return lines[0] if lines else None
 
+    @_writes
     def save_checkpoint(self, state: Mapping, run_key: str) -> None:
         """Save training state atomically (temp file + rename); only the last one is kept."""
         import torch

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ncsweep import distributed
 from ncsweep.console import Progress
 from ncsweep.data import DataBundle, Split, batches
+from ncsweep.errors import ConfigError
 from ncsweep.memory import (
     PeakMemory,
     StepMeter,
@@ -30,6 +32,7 @@ from ncsweep.memory import (
 from ncsweep.nc import HeldOutNC4, NCAccumulator
 
 Row = dict[str, float]
+F64 = torch.float64
 log = logging.getLogger(__name__)
 
 
@@ -119,13 +122,17 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_
     """
     was_training = model.training
     model.eval()
-    train = data.train
+    distributed.broadcast_buffers(model)
+    train = _shard(data.train)
     budget = max_feature_bytes // 2 if train.clean_labels is not None else max_feature_bytes
     accumulator = NCAccumulator(data.num_classes, max_feature_bytes=budget)
     clean = NCAccumulator(data.num_classes, max_feature_bytes=budget) \
         if train.clean_labels is not None else None
     row = _split_metrics(model, loss_fn, train, eval_batch_size, "train", accumulator,
                          clean=clean)
+    for acc in (accumulator, clean):
+        if acc is not None:
+            acc.all_reduce()
     weight, bias = model.head.weight, model.head.bias
     pending = [(acc, labels) for acc, labels in ((accumulator, train.labels),
                                                  (clean, train.clean_labels))
@@ -144,7 +151,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_
     if data.test is not None:
         heldout = [HeldOutNC4(acc, weight, bias) for acc in (accumulator, clean)
                    if acc is not None]
-        row.update(_split_metrics(model, loss_fn, data.test, eval_batch_size, "test",
+        row.update(_split_metrics(model, loss_fn, _shard(data.test), eval_batch_size, "test",
                                   heldout=heldout, minority=minority))
         row["nc4_test"] = heldout[0].compute()
         if clean is not None:
@@ -153,6 +160,11 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_
         row["minority_collapse"] = minority_collapse(weight, minority)
     model.train(was_training)
     return row
+
+
+def _shard(split: Split) -> Split:
+    """This rank's contiguous share of a split for an eval pass (the whole split on one rank)."""
+    return split.part(distributed.shard(len(split))) if distributed.is_distributed() else split
 
 
 def minority_collapse(weight: torch.Tensor, minority: Sequence[int]) -> float:
@@ -168,7 +180,10 @@ def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batc
                    prefix: str, accumulator: NCAccumulator | None = None,
                    heldout: Sequence[HeldOutNC4] = (), clean: NCAccumulator | None = None,
                    minority: Sequence[int] | None = None) -> Row:
-    """Loss and accuracy of one split; the clean-label and per-class tallies where asked."""
+    """Loss and accuracy of one split; the clean-label and per-class tallies where asked.
+
+    On several ranks each passes its shard and the tallies are summed over the ranks.
+    """
     device = split.labels.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -198,8 +213,15 @@ def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batc
             per_class[0] += torch.bincount(y[hit], minlength=k)
             per_class[1] += torch.bincount(y, minlength=k)
         start += y.numel()
-    n = len(split)
-    row = {f"{prefix}_loss": loss_sum.item() / n, f"{prefix}_acc": correct.item() / n}
+    sums = distributed.all_reduce_sum(torch.cat([
+        torch.stack([loss_sum, correct.double(), torch.tensor(float(len(split)), dtype=F64,
+                                                               device=device)]),
+        tally.double(), per_class.double().flatten()]))
+    loss_total, correct_total, count = sums[:3].tolist()
+    tally = sums[3:6].long()
+    per_class = sums[6:].long().view(2, k)
+    n = int(count)
+    row = {f"{prefix}_loss": loss_total / n, f"{prefix}_acc": correct_total / n}
     if noisy:
         clean_correct, flipped, memorised = tally.tolist()
         row[f"{prefix}_acc_clean"] = clean_correct / n
@@ -223,6 +245,19 @@ def _class_accuracies(prefix: str, per_class: list[list[int]], minority: Sequenc
     return row
 
 
+def _check_sync_batchnorm(asked: bool, device: torch.device) -> bool:
+    """SyncBatchNorm needs several ranks and CUDA tensors; asked where it cannot act, refuse."""
+    if not asked:
+        return False
+    if device.type != "cuda":
+        raise ConfigError("trainer.sync_batchnorm", asked, f"false on {device.type} ranks "
+                          "(torch's SyncBatchNorm takes CUDA tensors only)")
+    if not distributed.is_distributed():
+        raise ConfigError("trainer.sync_batchnorm", asked, "false in a one-process run (it "
+                          "syncs batch statistics across hydra.launcher.tasks_per_node > 1 ranks)")
+    return True
+
+
 @dataclass
 class FitResult:
     """What a finished fit hands back for the summary."""
@@ -244,9 +279,11 @@ class Trainer:
                  checkpoint_every: int | None = None, deterministic: bool = False,
                  dry_run: bool = False, resume: str = "auto", progress: bool = True,
                  on_nonfinite: str = "fail", max_feature_bytes: int = 512 * 2**20,
-                 cpu_threads: int | None = None, ensemble: bool = False) -> None:
+                 cpu_threads: int | None = None, ensemble: bool = False,
+                 sync_batchnorm: bool = False) -> None:
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
-        self.device = resolve_device(device)
+        self.device = distributed.rank_device(resolve_device(device))
+        self.sync_batchnorm = _check_sync_batchnorm(sync_batchnorm, self.device)
         self.eval_every = eval_every
         self.checkpoint_every = checkpoint_every or eval_every
         self.deterministic, self.dry_run, self.resume = deterministic, dry_run, resume
@@ -297,13 +334,18 @@ class Trainer:
         if resume_state is not None:
             start_epoch, step, skip = self._restore(resume_state, model, optimizer, scheduler,
                                                     generator)
+        n = len(data.train)
+        size = min(self.batch_size or n, n)
+        trained = self._parallel(model, n, size)
         earlier = float(resume_state.get("train_time_s", 0.0)) if resume_state else 0.0
         reset_peak(self.device)
         started, samples = time.perf_counter(), 0
 
         def state(data_rng: torch.Tensor, epoch: int, batch: int) -> dict:
             return {**self._state(model, optimizer, scheduler, data_rng, epoch, step, batch),
-                    "train_time_s": earlier + time.perf_counter() - started}
+                    "train_time_s": earlier + time.perf_counter() - started,
+                    "global_batch_size": self.batch_size,
+                    "world_size": distributed.world_size()}
 
         train_memory: TrainMemory | None = None
         final: Row = {}
@@ -314,20 +356,23 @@ class Trainer:
             epoch_rng = generator.get_state()
             loss_sum = torch.zeros((), device=self.device)
             count = 0
-            train_batches = batches(data.train, self.batch_size, generator, augment=True)
+            train_batches = batches(data.train, self.batch_size, generator, augment=True,
+                                    sharded=trained is not model)
             for index, (x, y) in enumerate(train_batches):
                 if index < skip:
                     continue
-                if stop_requested():
+                if distributed.any_rank(stop_requested()):
                     on_checkpoint(state(epoch_rng, epoch - 1, index))
                     raise StopRequested(f"stopped in epoch {epoch} after {index} batches")
                 meter = StepMeter(model) if train_memory is None else None
-                loss_sum += self._step(model, loss_fn, optimizer, x, y, meter).detach()
+                batch = min(size, n - index * size)
+                loss_sum += self._step(model, loss_fn, optimizer, x, y, meter, trained,
+                                       batch).detach()
                 if meter is not None:
                     train_memory = meter.result(model, optimizer)
                 count += 1
                 step += 1
-                samples += y.numel()
+                samples += batch
             skip = 0
             scheduler.step()
             self._end_epoch(loss_sum.item() / max(count, 1), epoch)
@@ -341,16 +386,45 @@ class Trainer:
         return FitResult(final, self.epochs - start_epoch, elapsed, earlier, samples,
                          read_peak(self.device), train_memory)
 
+    def _parallel(self, model: nn.Module, n: int, size: int) -> nn.Module:
+        """The module the steps call: the model itself, or on several ranks its DDP wrapper."""
+        if not distributed.is_distributed():
+            return model
+        world = distributed.world_size()
+        last = n % size
+        if size < world or 0 < last < world:
+            raise ConfigError("trainer.batch_size", self.batch_size,
+                              f"a global batch that gives each of the {world} ranks a sample in "
+                              f"every step ({n} train samples: the last batch has {last or size})")
+        if self.sync_batchnorm:
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
     def _step(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-              x: torch.Tensor, y: torch.Tensor, meter: StepMeter | None = None) -> torch.Tensor:
-        """One optimiser step; ``meter`` notes what the forward saves for backward."""
+              x: torch.Tensor, y: torch.Tensor, meter: StepMeter | None = None,
+              trained: nn.Module | None = None, batch: int | None = None) -> torch.Tensor:
+        """One optimiser step; ``meter`` notes what the forward saves for backward.
+
+        On several ranks ``trained`` (DDP) averages the gradients, so each rank's mean loss is
+        weighted by its share of the ``batch`` samples of the global batch: the step is the
+        one-process step. The closure returns the global objective (line searches see it).
+        """
         first_loss: list[torch.Tensor] = []
+        net = trained if trained is not None else model
+        parallel = net is not model
+        scale = y.numel() * distributed.world_size() / batch if parallel and batch else 1.0
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             with meter.saving() if meter is not None else nullcontext():
-                loss = loss_fn(model(x), y) + model.penalty()
+                data_loss = loss_fn(net(x), y)
+                loss = (data_loss * scale if parallel else data_loss) + model.penalty()
             loss.backward()
+            if parallel:
+                loss = distributed.all_reduce_sum(loss.detach().clone()) / distributed.world_size()
             if not first_loss:
                 first_loss.append(loss.detach())
             return loss
@@ -400,6 +474,12 @@ class Trainer:
 
     def _restore(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, generator: torch.Generator) -> tuple[int, int, int]:
+        saved = state.get("global_batch_size", self.batch_size)
+        if saved != self.batch_size:
+            raise ConfigError("trainer.batch_size", self.batch_size,
+                              f"{saved}, the global batch of the checkpoint being resumed (it "
+                              f"ran on {state.get('world_size', 1)} rank(s); any number of "
+                              "ranks resumes it at that global batch)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

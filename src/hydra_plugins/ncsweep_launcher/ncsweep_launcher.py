@@ -36,6 +36,7 @@ class NcsweepLocalConf(LocalQueueConf):
     _target_: str = f"{PACKAGE}.NcsweepLocalLauncher"
     runs_per_task: int = 1
     runs_in_parallel: int = 1
+    rank_timeout_s: float = 600.0
     leave_running_on_interrupt: bool = False
     poll_s: float = 10.0
     log_every_s: float = 60.0
@@ -48,6 +49,7 @@ class NcsweepSlurmConf(SlurmQueueConf):
     _target_: str = f"{PACKAGE}.NcsweepSlurmLauncher"
     runs_per_task: int = 1
     runs_in_parallel: int = 1
+    rank_timeout_s: float = 600.0
     cpus_per_task: Any = "auto"
     gpus_per_node: Any = "auto"
     mem_gb: Any = "auto"

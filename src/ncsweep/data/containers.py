@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ncsweep import distributed
 from ncsweep.config import ConfigError
 
 if TYPE_CHECKING:
@@ -45,6 +46,11 @@ class Split:
         clean = self.clean_labels.to(device) if self.clean_labels is not None else None
         inputs = self.inputs if self.source is not None else self.inputs.to(device)
         return Split(inputs, self.labels.to(device), clean, self.view, self.source)
+
+    def part(self, rows: slice) -> Split:
+        """The contiguous rows ``rows`` (views, no copy): a rank's shard of the split."""
+        clean = self.clean_labels[rows] if self.clean_labels is not None else None
+        return Split(self.inputs[rows], self.labels[rows], clean, self.view, self.source)
 
     def select(self, rows: torch.Tensor | np.ndarray) -> Split:
         """The sub-split of the given rows (in that order)."""
@@ -97,7 +103,8 @@ def as_split(x: np.ndarray, y: np.ndarray) -> Split:
 
 
 def batches(split: Split, batch_size: int | None, generator: torch.Generator | None = None,
-            augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            augment: bool = False, sharded: bool = False
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of a split on its labels' device; shuffled when a generator is given.
 
     A full batch is not shuffled: the order changes nothing but the cost of the gather.
@@ -105,6 +112,11 @@ def batches(split: Split, batch_size: int | None, generator: torch.Generator | N
     Stored images pass through the split's ``view`` (normalisation, and with ``augment`` the
     random crop and flip, drawn from ``generator``); a file-backed split is read by a
     DataLoader's workers and moved to the device batch by batch.
+
+    ``sharded`` (in a distributed run): each rank gets its contiguous share of every global
+    batch, the global batches and their augmentation draws being those of one process, so
+    the ranks together take the one-process run's steps; a file-backed split reads only the
+    rank's share (a distributed batch sampler).
     """
     n = len(split)
     size = n if not batch_size else min(batch_size, n)
@@ -113,17 +125,22 @@ def batches(split: Split, batch_size: int | None, generator: torch.Generator | N
     order = torch.randperm(n, generator=generator).to(device) if shuffle else None
     if split.source is not None:
         rows = (order.cpu() if order is not None else torch.arange(n)).split(size)
+        if sharded:
+            rows = tuple(chunk[distributed.shard(len(chunk))] for chunk in rows)
         for x, pos in split.source.read(split.inputs, rows, augment, generator, device):
             x = split.view(x) if split.view is not None else x
             yield x, split.labels[pos.to(device)]
         return
     view = split.view
     for start in range(0, n, size):
+        count = min(size, n - start)
+        share = distributed.shard(count) if sharded else slice(0, count)
         if order is None:
-            x, y = split.inputs[start:start + size], split.labels[start:start + size]
+            rows = slice(start + share.start, start + share.stop)
+            x, y = split.inputs[rows], split.labels[rows]
         else:
-            idx = order[start:start + size]
+            idx = order[start:start + count][share]
             x, y = split.inputs[idx], split.labels[idx]
         if view is not None:
-            x = view(x, generator if augment else None)
+            x = view(x, generator if augment else None, (share, count))
         yield x, y

@@ -38,10 +38,10 @@ class ImageView:
         self.channels, self.crop_padding, self.flip = int(channels), int(crop_padding), flip
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 share: tuple[slice, int] | None = None) -> torch.Tensor:
         if generator is not None and (self.crop_padding or self.flip):
-            x = self.augment(x, generator)
+            x = self.augment(x, generator, share)
         mean, std = self._device_stats(x.device)
         out = (x.float().div_(255.0) - mean).div_(std)
         if out.shape[1] != self.channels:
@@ -55,12 +55,18 @@ class ImageView:
                                    torch.tensor(self.std, device=device).view(shape))
         return self._stats[device]
 
-    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random crop with zero padding and random horizontal flip, one draw per image."""
+    def augment(self, x: torch.Tensor, generator: torch.Generator,
+                share: tuple[slice, int] | None = None) -> torch.Tensor:
+        """Random crop with zero padding and random horizontal flip, one draw per image.
+
+        ``share`` = (rows, batch size): x holds those rows of a larger global batch, whose
+        draws are made whole and then cut, so every rank draws what one process would.
+        """
         b, _, h, w = x.shape
+        rows_of, total = share if share is not None else (slice(0, b), b)
         p = self.crop_padding
-        offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator)
-        flips = torch.rand(b, generator=generator) < 0.5 if self.flip \
+        offsets = torch.randint(0, 2 * p + 1, (total, 2), generator=generator)[rows_of]
+        flips = (torch.rand(total, generator=generator) < 0.5)[rows_of] if self.flip \
             else torch.zeros(b, dtype=torch.bool)
         device = x.device
         offsets, flips = offsets.to(device), flips.to(device)

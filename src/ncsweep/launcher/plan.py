@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 JOBS_FILE = ".ncsweep-jobs.jsonl"
 WATCH_KEYS = ("detach", "leave_running_on_interrupt", "poll_s", "log_every_s")
 PACKING_KEYS = ("runs_per_task", "runs_in_parallel")
+RANK_KEYS = ("rank_timeout_s",)
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 AUTO_DEFAULTS = {"cpus_per_task": 4, "gpus_per_node": 1, "mem_gb": 32}
 REASONS = {
@@ -117,6 +118,31 @@ def pack(units: Sequence[Unit], runs_per_task: int) -> list[list[Unit]]:
     if current:
         tasks.append(current)
     return tasks
+
+
+def ranks(params: dict[str, Any], kind: str, parallel: int, units: Sequence[Unit]) -> int:
+    """The ranks a task spans (tasks_per_node x nodes), refusing what cannot use them."""
+    counts = []
+    for key in ("tasks_per_node", "nodes"):
+        value = params.get(key, 1) or 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"hydra.launcher.{key}", value, "an integer >= 1")
+        counts.append(value)
+    tasks, nodes = counts
+    if kind == "local" and nodes > 1:
+        raise ConfigError("hydra.launcher.nodes", nodes, "1 on launcher=local (one machine; "
+                          "use tasks_per_node for several ranks)")
+    world = tasks * nodes
+    if world > 1 and parallel > 1:
+        raise ConfigError("hydra.launcher.runs_in_parallel", parallel,
+                          f"1 when each run spans {world} ranks (tasks_per_node x nodes)")
+    if world > 1 and any(len(unit) > 1 for unit in units):
+        raise ConfigError("trainer.ensemble", True, f"false when each run spans {world} ranks "
+                          "(an ensemble trains its seeds on one device)")
+    timeout = params.get("rank_timeout_s", 600)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError("hydra.launcher.rank_timeout_s", timeout, "a number of seconds > 0")
+    return world
 
 
 def _packing(params: dict[str, Any]) -> tuple[int, int]:

@@ -24,12 +24,14 @@ from ncsweep.launcher.plan import (
     AUTO_DEFAULTS,
     JOBS_FILE,
     PACKING_KEYS,
+    RANK_KEYS,
     WATCH_KEYS,
     Unit,
     _packing,
     job_folders,
     pack,
     plan_units,
+    ranks,
     status_command,
 )
 from ncsweep.launcher.watch import Watcher, collect
@@ -51,7 +53,7 @@ def _preflight(params: dict[str, Any], jobs: int) -> tuple[dict[str, Any], str]:
     partition = cluster.read_partition(params.get("partition"))
     cluster.check_account_qos(params.get("account"), params.get("qos"), partition)
     cluster.check_time(int(params.get("timeout_min") or 0), partition)
-    asked = {k: params.get(k) for k in (*cluster.RESOURCE_KEYS, "tasks_per_node")}
+    asked = {k: params.get(k) for k in (*cluster.RESOURCE_KEYS, "tasks_per_node", "nodes")}
     resolved: dict[str, Any] = cluster.resolve_resources(asked, AUTO_DEFAULTS, partition)
     autos = [k for k in cluster.RESOURCE_KEYS if params.get(k) == cluster.AUTO]
     gpus = resolved["gpus_per_node"]
@@ -111,7 +113,10 @@ def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
     folders = job_folders(config, job_overrides, initial_job_idx)
     try:
         per_task, parallel = _packing({k: params.pop(k, 1) for k in PACKING_KEYS})
-        tasks = pack(plan_units(config, job_overrides, initial_job_idx, folders), per_task)
+        units = plan_units(config, job_overrides, initial_job_idx, folders)
+        world = ranks({**params, **{k: params.pop(k) for k in RANK_KEYS if k in params}}, kind,
+                      parallel, units)
+        tasks = pack(units, per_task)
         if kind == "slurm":
             resolved, line = _preflight(params, len(tasks))
             params.update(resolved)
@@ -119,6 +124,9 @@ def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
         else:
             line = (f"local: {len(tasks)} job(s) as subprocesses of this one, each "
                     f"{params.get('cpus_per_task') or 1} CPU(s), {params.get('timeout_min')} min")
+        if world > 1:
+            line += f"; each run on {world} ranks"
+
         executor = _executor(kind, params)
     except (ConfigError, cluster.ClusterError) as err:
         raise _fail(err) from None

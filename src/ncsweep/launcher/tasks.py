@@ -15,8 +15,9 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ncsweep import distributed
 from ncsweep.launcher.plan import STOP_SIGNALS, Job, Unit, job_folders, plan_units
 from ncsweep.tracking import RunFolder
 
@@ -74,6 +75,9 @@ def run_unit(hydra_context: Any, task_function: Callable, config: DictConfig, un
             sweep_config.hydra.job.num = run.num
             for key, value in (launcher or {}).items():
                 sweep_config.hydra.launcher[key] = value
+            if not distributed.is_writer():  # rank 0 alone writes the run folder
+                sweep_config.hydra.output_subdir = None
+                sweep_config.hydra.job_logging = _console_only(sweep_config.hydra.job_logging)
         returns[run.num] = run_job(hydra_context=hydra_context, task_function=task_function,
                                    config=sweep_config, job_dir_key=job_dir_key,
                                    job_subdir_key="hydra.sweep.subdir")
@@ -89,6 +93,17 @@ def run_unit(hydra_context: Any, task_function: Callable, config: DictConfig, un
     return [kept[run.num] or returns[run.num] for run in unit]
 
 
+def _console_only(logging_config: Any) -> dict:
+    """Hydra's job logging without its file handlers (the run's log file is rank 0's)."""
+    plain = OmegaConf.to_container(logging_config) or {"version": 1}
+    files = {name for name, handler in plain.get("handlers", {}).items()
+             if "filename" in handler}
+    plain["handlers"] = {k: v for k, v in plain.get("handlers", {}).items() if k not in files}
+    root = plain.setdefault("root", {})
+    root["handlers"] = [h for h in root.get("handlers", []) if h not in files]
+    return plain
+
+
 def run_in_job(plugin: Any, units: Sequence[Unit], job_dir_key: str,
                singleton_state: dict[type, Singleton], launched: float) -> list[JobReturn]:
     """On the node: the task's runs, each with its own config and the resources the preflight
@@ -101,9 +116,13 @@ def run_in_job(plugin: Any, units: Sequence[Unit], job_dir_key: str,
     resources = dict(plugin.resolved or {})
     lanes = min(int(plugin.params.get("runs_in_parallel") or 1), len(units))
     if lanes <= 1:
-        return [ret for unit in units for ret in run_unit(
+        joined = distributed.join_from_submitit(float(plugin.params.get("rank_timeout_s", 600)))
+        returns = [ret for unit in units for ret in run_unit(
             plugin.hydra_context, plugin.task_function, plugin.config, unit, job_dir_key,
             launched, job_id, resources)]
+        if joined:
+            distributed.leave()
+        return returns
     cpus = resources.get("cpus_per_task", plugin.params.get("cpus_per_task"))
     if isinstance(cpus, int) and not isinstance(cpus, bool):
         resources["cpus_per_task"] = max(1, cpus // lanes)

@@ -35,7 +35,7 @@ class Watcher:
         return state is not None and state.finished
 
     def _has_result(self, job: Any) -> bool:
-        return job.paths.result_pickle.exists()
+        return job.task(0).paths.result_pickle.exists()
 
     def poll(self) -> None:
         """The scheduler's view of every unfinished job: one squeue (and sacct) call in all."""
@@ -142,9 +142,11 @@ def collect(jobs: Sequence[Any], tasks: Sequence[list[Unit]],
         runs = [run for unit in task for run in unit]
         results: dict[int, JobReturn] = {}
         error: str | None = None
-        if job.paths.result_pickle.exists() or state.kind == "done":
+        rank0 = job.task(0)  # on several ranks, rank 0 speaks for the task
+        if rank0.paths.result_pickle.exists() or state.kind == "done":
             try:
-                results = {run.num: ret for run, ret in zip(runs, job.results()[0], strict=True)}
+                results = {run.num: ret for run, ret in zip(runs, rank0.results()[0],
+                                                            strict=True)}
             except Exception as err:
                 error = cluster.first_error_line(str(err))
         for run in runs:
