@@ -85,8 +85,8 @@ def join(rank_: int, world: int, local_rank: int, master_addr: str, master_port:
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo",
                             rank=rank_, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    log.info("rank %d of %d joined (%s:%d, %s)", rank_, world, master_addr, master_port,
-             "NCCL and gloo" if cuda else "gloo")
+    log.info("rank %d of %d joined (pid %d, %s:%d, %s)", rank_, world, os.getpid(),
+             master_addr, master_port, "NCCL and gloo" if cuda else "gloo")
 
 
 def join_from_submitit(timeout_s: float) -> bool:

@@ -32,6 +32,7 @@ IDENTITY_GROUPS = ("dataset", "arch", "head", "loss", "optim", "schedule", "laun
 USER_ERRORS = (ConfigError, CheckpointError)
 log = logging.getLogger(__name__)
 _WANDB_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_BACKEND_PREFIX = re.compile(r"^\[[^\]]*\]\s*")  # gloo's "[.../pair.cc:545] "
 
 
 class JobContext:
@@ -175,9 +176,10 @@ def _fail_ranks(context: JobContext, err: BaseException) -> None:
         survivors = [r for r in range(world) if r not in absent] or [me]
         context.folder.writer = me == min(survivors)
         lost = ", ".join(map(str, absent)) if absent else "unknown"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _BACKEND_PREFIX.sub("", str(err).strip().splitlines()[0] if str(err).strip()
+                                    else type(err).__name__).split(". ")[0]
         err = RankLost(f"rank {lost} of {world} died or stopped answering (collective timeout "
-                       f"{distributed.timeout_s():.0f} s); rank {me} saw: {first[:200]}")
+                       f"{distributed.timeout_s():.0f} s); rank {me} saw: {first}")
     line = (f"error: {err}" if isinstance(err, USER_ERRORS)
             else f"{context.key} FAILED: {type(err).__name__}: {err}")
     _fail(context, err, line, traceback=not isinstance(err, RankLost))

@@ -124,7 +124,7 @@ def ranks(params: dict[str, Any], kind: str, parallel: int, units: Sequence[Unit
     """The ranks a task spans (tasks_per_node x nodes), refusing what cannot use them."""
     counts = []
     for key in ("tasks_per_node", "nodes"):
-        value = params.get(key, 1) or 1
+        value = 1 if params.get(key) is None else params[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"hydra.launcher.{key}", value, "an integer >= 1")
         counts.append(value)

@@ -1,0 +1,195 @@
+"""One run across ranks: real gloo processes through submitit (local and the local cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ncsweep.data.images import ImageView
+from ncsweep.errors import ConfigError
+from ncsweep.launcher.plan import ranks
+from ncsweep.tracking import RunFolder
+from ncsweep.training import Trainer
+from tests.conftest import run_cli, sacct_state
+
+MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "seed=0",
+       "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",
+       "trainer.eval_every=2", "trainer.checkpoint_every=1", "name=ddp"]
+UFM = ["logger=none", "trainer.progress=false", "seed=0", "experiment=ufm",
+       "dataset.num_classes=4", "dataset.n_per_class=5", "trainer.epochs=3",
+       "trainer.eval_every=3", "optim.max_iter=4", "name=ddp"]
+LOCAL_RANKS = ["launcher=local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.poll_s=0.5"]
+SLURM_RANKS = ["launcher=slurm", "hydra.launcher.tasks_per_node=2",
+               "hydra.launcher.cpus_per_task=1", "hydra.launcher.gpus_per_node=null",
+               "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=30",
+               "hydra.launcher.max_num_timeout=3", "hydra.launcher.poll_s=0.5"]
+
+
+def sweep(args: list[str], cwd: Path) -> RunFolder:
+    """Run a one-run sweep in its own folder; its run folder."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    result = run_cli(["-m", *args], cwd, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert ": 1 done" in result.stdout, result.stdout
+    [summary] = (cwd / "multirun" / "ddp").glob("*/summary.json")
+    return RunFolder(summary.parent)
+
+
+def assert_same_run(a: RunFolder, b: RunFolder, rtol: float) -> None:
+    """Every metric of every eval row and every final weight agree to ``rtol`` relative."""
+    rows_a, rows_b = a.read_metrics(), b.read_metrics()
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key, value in ra.items():
+            assert rb[key] == pytest.approx(value, rel=rtol, abs=1e-12), (ra["epoch"], key)
+    wa = torch.load(a.file("checkpoint.pt"), weights_only=True)["model"]
+    wb = torch.load(b.file("checkpoint.pt"), weights_only=True)["model"]
+    for name, tensor in wa.items():
+        if tensor.is_floating_point():
+            change = (wb[name].double() - tensor.double()).norm() / tensor.double().norm()
+            assert change <= rtol, (name, change.item())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunFolder]:
+    """One-process runs and their two-rank (launcher=local) twins, same global batch."""
+    root = tmp_path_factory.mktemp("ranks")
+    return {f"{model}/{world}": sweep([*args, *extra], root / model / str(world))
+            for model, args in (("mlp", MLP), ("ufm", UFM))
+            for world, extra in ((1, []), (2, LOCAL_RANKS))}
+
+
+@pytest.mark.parametrize("model", ["mlp", "ufm"])
+def test_two_local_ranks_equal_one_process(model: str, runs: dict[str, RunFolder]) -> None:
+    reference, ranks = runs[f"{model}/1"], runs[f"{model}/2"]
+    assert_same_run(reference, ranks, rtol=1e-6)
+    summary = ranks.read_summary()
+    assert summary["world_size"] == 2 and reference.read_summary()["world_size"] == 1
+    assert summary["sync_batchnorm"] is False
+    assert summary["train_acc"] == reference.read_summary()["train_acc"]
+    # rank 0 alone wrote the folder: one log file, one Hydra record
+    assert sorted(p.name for p in ranks.path.iterdir() if p.suffix == ".log") == ["app.log"]
+    assert (ranks.path / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.slurm
+def test_two_ranks_on_the_cluster_resume_a_preemption_bitwise(
+        local_slurm: str, runs: dict[str, RunFolder], tmp_path: Path) -> None:
+    """Preempted and resumed on the cluster: bitwise the uninterrupted two-rank run."""
+    plain = runs["mlp/2"]
+    root = tmp_path / "preempted"
+    root.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *MLP, *SLURM_RANKS],
+                            cwd=root, env={**os.environ, "WANDB_ERROR_REPORTING": "false"},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sweep_dir = root / "multirun" / "ddp"
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        metrics = list(sweep_dir.glob("*/metrics.jsonl"))
+        if metrics and len(metrics[0].read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    [job_id] = {json.loads(line)["job_id"]
+                for line in (sweep_dir / ".ncsweep-jobs.jsonl").read_text().splitlines()}
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert ": 1 done" in out, out
+    history = sacct_state(job_id, "--duplicates")
+    assert "REQUEUED" in history or "PREEMPTED" in history, history
+    [summary] = sweep_dir.glob("*/summary.json")
+    resumed = RunFolder(summary.parent)
+    assert resumed.read_summary()["resumed_from_epoch"] >= 1
+    assert resumed.read_summary()["attempts"] == 2
+    assert resumed.read_metrics() == plain.read_metrics()
+    assert_same_run(runs["mlp/1"], resumed, rtol=1e-6)
+    a = torch.load(plain.file("checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(resumed.file("checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_rank_fails_the_run_in_one_line_naming_it(tmp_path: Path) -> None:
+    args = [*MLP, "trainer.epochs=500", "trainer.eval_every=1", "trainer.deterministic=false",
+            *LOCAL_RANKS, "hydra.launcher.rank_timeout_s=60"]
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *args], cwd=tmp_path,
+                            env={**os.environ, "WANDB_ERROR_REPORTING": "false"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sweep_dir = tmp_path / "multirun" / "ddp"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(sweep_dir.glob("*/metrics.jsonl")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    rank1 = _rank_pid(1)
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.monotonic()
+    out, _ = proc.communicate(timeout=90)
+    assert time.monotonic() - killed < 60  # gloo sees the closed socket; no timeout wait
+    assert proc.returncode == 1
+    assert ": 1 failed" in out, out
+    [run] = [RunFolder(p.parent) for p in sweep_dir.glob("*/run.json")]
+    assert run.status == "failed" and not run.file("DONE").exists()
+    line = run.failure()
+    assert line.startswith("RankLost: rank 1 of 2 died or stopped answering"), line
+    assert "rank 0 saw:" in line and "\n" not in line
+    assert line in out
+
+
+def _rank_pid(rank: int) -> int:
+    """The pid of this user's submitit task of the given global rank."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            values = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SUBMITIT_LOCAL_GLOBALID={rank}".encode() in values and \
+                b"SUBMITIT_LOCAL_NTASKS=2" in values:
+            return int(environ.parent.name)
+    raise AssertionError(f"no process of rank {rank}")
+
+
+def test_what_cannot_use_several_ranks_is_refused_before_submission(tmp_path: Path) -> None:
+    for extra, key in ((["hydra.launcher.nodes=2"], "hydra.launcher.nodes"),
+                       (["hydra.launcher.runs_in_parallel=2"], "hydra.launcher.runs_in_parallel")):
+        result = run_cli(["-m", *MLP, *LOCAL_RANKS, *extra], tmp_path, timeout=60)
+        assert result.returncode == 2, result.stderr[-2000:]
+        [line] = [ln for ln in result.stderr.splitlines() if "error:" in ln]
+        assert key in line, line
+        assert not (tmp_path / "multirun" / "ddp" / ".ncsweep-jobs.jsonl").exists()
+
+
+def test_rank_settings_are_checked() -> None:
+    assert ranks({"tasks_per_node": 4, "nodes": 2}, "slurm", 1, [[1]]) == 8
+    for params, key in (({"rank_timeout_s": 0}, "rank_timeout_s"),
+                        ({"tasks_per_node": 0}, "tasks_per_node"),
+                        ({"tasks_per_node": 2}, "trainer.ensemble")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            ranks(params, "slurm", 1, [[1, 2]])
+
+
+def test_sync_batchnorm_and_a_changed_global_batch_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.sync_batchnorm.*CUDA"):
+        Trainer(device="cpu", sync_batchnorm=True)
+    trainer = Trainer(device="cpu", batch_size=64)
+    state = {"global_batch_size": 128, "world_size": 2}
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size.*128, the global batch"):
+        trainer._restore(state, None, None, None, None)  # type: ignore[arg-type]
+
+
+def test_shards_of_an_augmented_batch_are_the_one_process_batch() -> None:
+    view = ImageView(mean=[0.5], std=[0.25], channels=1, crop_padding=2, flip=True)
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    whole = view(images, torch.Generator().manual_seed(3))
+    parts = [view(images[rows], torch.Generator().manual_seed(3), (rows, 10))
+             for rows in (slice(0, 3), slice(3, 10))]
+    assert torch.equal(torch.cat(parts), whole)
