@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ncsweep.config import validate
 from ncsweep.data.images import ImageView
 from ncsweep.errors import ConfigError
 from ncsweep.launcher.plan import ranks
 from ncsweep.tracking import RunFolder
 from ncsweep.training import Trainer
-from tests.conftest import run_cli, sacct_state
+from tests.conftest import compose_cfg, run_cli, sacct_state
 
 MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "seed=0",
        "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",
@@ -193,3 +194,20 @@ def test_shards_of_an_augmented_batch_are_the_one_process_batch() -> None:
     parts = [view(images[rows], torch.Generator().manual_seed(3), (rows, 10))
              for rows in (slice(0, 3), slice(3, 10))]
     assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize(("preset", "epochs", "augment", "layer"),
+                         [("papyan2020_imagenet", 350, False, "block"),
+                          ("zhu2021_imagenet_resnet50", 200, True, "block")])
+def test_imagenet_presets_compose_to_their_setups(preset: str, epochs: int, augment: bool,
+                                                  layer: str) -> None:
+    plain = validate(compose_cfg([f"experiment={preset}"]))
+    assert plain["dataset"]["format"] == "image_folder" and plain["dataset"]["num_classes"] == 1000
+    assert plain["arch"]["variant"] == "resnet50" and plain["feature_dim"] == 2048
+    assert plain["arch"]["feature_layer"] == layer and plain["dataset"]["augment"] is augment
+    assert plain["optim"]["_target_"] == "torch.optim.SGD"
+    assert (plain["optim"]["lr"], plain["optim"]["momentum"]) == (0.05, 0.9)
+    assert plain["optim"]["weight_decay"] == 5e-4 and plain["trainer"]["batch_size"] == 128
+    assert plain["trainer"]["epochs"] == epochs
+    etf = validate(compose_cfg([f"experiment={preset}", "head=etf", "dim=K"]))
+    assert etf["feature_dim"] == 1000 and etf["head"]["embedding"] == "coordinate"
