@@ -211,3 +211,19 @@ def test_imagenet_presets_compose_to_their_setups(preset: str, epochs: int, augm
     assert plain["trainer"]["epochs"] == epochs
     etf = validate(compose_cfg([f"experiment={preset}", "head=etf", "dim=K"]))
     assert etf["feature_dim"] == 1000 and etf["head"]["embedding"] == "coordinate"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs: NCCL ranks and SyncBatchNorm take CUDA tensors "
+                           "(this machine has none or one)")
+def test_two_gpu_ranks_with_nccl_and_sync_batchnorm(runs: dict[str, RunFolder],
+                                                    tmp_path: Path) -> None:
+    gpu = ["trainer.device=cuda", "hydra.launcher.gpus_per_node=2"]
+    plain = sweep([*MLP, *LOCAL_RANKS, *gpu], tmp_path / "plain")
+    assert_same_run(runs["mlp/1"], plain, rtol=1e-4)  # TF32/cuBLAS against the CPU run
+    synced = sweep([*MLP, "arch.batch_norm=true", "trainer.sync_batchnorm=true",
+                    *LOCAL_RANKS, *gpu], tmp_path / "synced")
+    summary = synced.read_summary()
+    assert summary["world_size"] == 2 and summary["sync_batchnorm"] is True
+    assert summary["device"].startswith("cuda")

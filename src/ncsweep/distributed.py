@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _ROLL_CALL = "ncsweep/roll-call/"
 _COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out",
-                 "timeout", "broken pipe")
+                 "broken pipe")
 _timeout_s = [1800.0]
 
 
