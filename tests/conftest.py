@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +84,7 @@ IN_CI = os.environ.get("CI", "").strip().lower() == "true"
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                  "DEADLINE", "PREEMPTED", "REVOKED")
 
+
 def _unavailable(reason: str) -> None:
     """Skip, or fail under CI=true, where the SLURM tests must run."""
     if IN_CI:
@@ -146,3 +151,60 @@ def sacct_state(job_id: str, *extra: str) -> str:
     res = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode", *extra],
                          capture_output=True, text=True, timeout=30)
     return res.stdout.strip()
+
+
+# A local W&B-compatible server (openwandb, a dev extra) for the online tests.
+API_KEY = "k" * 40
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5) -> dict:
+    """GET ``url`` and parse its JSON body."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def wandb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One openwandb server for the session, on a free port, stopped at the end."""
+    command = shutil.which("openwandb", path=str(Path(sys.executable).parent)) or shutil.which(
+        "openwandb")
+    if command is None:
+        if IN_CI:
+            pytest.fail("openwandb is not installed (pip install -e '.[dev]')", pytrace=False)
+        pytest.skip("openwandb is not installed (pip install -e '.[dev]')")
+    port = _free_port()
+    data = tmp_path_factory.mktemp("openwandb")
+    log = open(data / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([command, "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--data-dir", str(data / "data")], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            try:
+                get_json(f"{url}/api/v2/projects", timeout=2)
+                break
+            except (urllib.error.URLError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"openwandb did not answer: {(data / 'server.log').read_text()}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def online(wandb_server: str) -> dict:
+    """The environment that sends a run to the local W&B server."""
+    return {"WANDB_MODE": "online", "WANDB_BASE_URL": wandb_server, "WANDB_API_KEY": API_KEY}

@@ -28,7 +28,7 @@ from ncsweep.launcher import AUTO_DEFAULTS
 from tests.conftest import run_cli, sacct_state
 
 TINY = ["logger=none", "trainer.epochs=3", "trainer.eval_every=3", "arch.width=32"]
-SMALL = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]
+SMALL = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.poll_s=0.5"]
 AUTO = {"cpus_per_task": "auto", "gpus_per_node": "auto", "mem_gb": "auto"}
 GPU_NODES = Partition("gpu", [Node("g1", 64, 512_000, 8, "idle"),
                               Node("g2", 32, 256_000, 4, "mixed")])
@@ -195,6 +195,11 @@ def test_detached_sweep_status_agrees_with_sacct_and_a_rerun_skips(local_slurm: 
     assert again.returncode == 0 and "2 skipped" in again.stdout, again.stderr[-2000:]
 
 
+def _default_sigint() -> None:
+    """A pytest started in the background inherits an ignored SIGINT: the CLI must see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slurm
 @pytest.mark.parametrize("leave", [False, True])
 def test_ctrl_c_cancels_the_sweeps_jobs_unless_asked_to_leave_them(local_slurm: str,
@@ -204,7 +209,8 @@ def test_ctrl_c_cancels_the_sweeps_jobs_unless_asked_to_leave_them(local_slurm: 
             "name=ctrlc", f"hydra.launcher.leave_running_on_interrupt={str(leave).lower()}"]
     proc = subprocess.Popen(args, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "WANDB_ERROR_REPORTING":
-                                                         "false"})
+                                                         "false"},
+                            preexec_fn=_default_sigint)
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     seen, deadline = "", time.monotonic() + 60

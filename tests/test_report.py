@@ -58,24 +58,32 @@ def report_cli(args: list[str], cwd: Path, env: dict | None = None,
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cli_runs(tmp_path_factory: pytest.TempPathFactory
+             ) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The card, ufm and variant sweeps, all at once: (root, CompletedProcess) each."""
+    roots = {"card": tmp_path_factory.mktemp("report")}
+    roots["ufm"], roots["variant"] = roots["card"], tmp_path_factory.mktemp("variant")
+    offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    jobs = {**{name: (args, offline) for name, args in SWEEPS.items()},
+            "variant": (VARIANT, {"OMP_NUM_THREADS": "1"})}
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        done = pool.map(lambda name: run_cli(jobs[name][0], roots[name], env=jobs[name][1]), jobs)
+        return {name: (roots[name], result) for name, result in zip(jobs, done, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def sweeps(cli_runs: dict) -> Path:
     """Real sweeps under ``<root>/multirun``: card (10 done, 2 failed) and ufm (2, with W&B)."""
-    root = tmp_path_factory.mktemp("report")
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    with ThreadPoolExecutor(len(SWEEPS)) as pool:
-        results = dict(zip(SWEEPS, pool.map(lambda a: run_cli(a, root, env=env),
-                                            SWEEPS.values()), strict=True))
-    assert results["card"].returncode == 1 and "10 done, 2 failed" in results["card"].stdout, (
-        results["card"].stdout + results["card"].stderr)
-    assert results["ufm"].returncode == 0, results["ufm"].stderr
+    (root, card), (_, ufm) = cli_runs["card"], cli_runs["ufm"]
+    assert card.returncode == 1 and "10 done, 2 failed" in card.stdout, card.stdout + card.stderr
+    assert ufm.returncode == 0, ufm.stderr
     return root / "multirun"
 
 
 @pytest.fixture(scope="module")
-def variant_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def variant_sweep(cli_runs: dict) -> Path:
     """A real sweep of the card grid (seed 0) on another test split: a data variant."""
-    root = tmp_path_factory.mktemp("variant")
-    result = run_cli(VARIANT, root, env={"OMP_NUM_THREADS": "1"})
+    root, result = cli_runs["variant"]
     assert result.returncode == 0 and "4 done" in result.stdout, result.stdout + result.stderr
     return root / "multirun" / "variant"
 

@@ -1,4 +1,5 @@
-"""Sweeps on the real local SLURM cluster: the design-card grid, a preempted job that resumes."""
+"""Sweeps on the real local SLURM cluster: the design-card grid, a preempted job that resumes
+(and stays one W&B run, every step once)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,14 @@ from ncsweep.cluster import read_partition
 from ncsweep.launcher import AUTO_DEFAULTS
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import ROOT, run_cli, sacct_state
+from tests.conftest import ROOT, get_json, run_cli, sacct_state
+from tests.test_wandb_online import folder_steps, run_id_of, same_points, server_steps
 
 pytestmark = pytest.mark.slurm
 
 ON_CLUSTER = ["launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=2",
               "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30",
-              "hydra.launcher.max_num_timeout=3"]
+              "hydra.launcher.max_num_timeout=3", "hydra.launcher.poll_s=0.5"]
 TINY = ["logger=none", "trainer.epochs=3", "trainer.eval_every=3", "arch.width=32"]
 LONG = ["logger=none", "trainer.deterministic=true", "arch.width=64", "trainer.epochs=30",
         "trainer.eval_every=2", "trainer.checkpoint_every=1", "trainer.batch_size=64"]
@@ -114,8 +117,8 @@ def _wait_for_rows(root: Path, rows: int, proc: subprocess.Popen, limit: float =
     pytest.fail("the SLURM job logged no metrics in time")
 
 
-def test_preempted_job_is_requeued_and_resumes_to_the_same_result(local_slurm: str,
-                                                                  tmp_path: Path) -> None:
+def test_preempted_job_is_requeued_resumes_to_the_same_result_and_is_one_online_run(
+        local_slurm: str, tmp_path: Path, online: dict, wandb_server: str) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
     plain = run_cli(["-m", *LONG, "name=preempt"], reference, timeout=400)
@@ -124,8 +127,9 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(local_slurm: s
 
     root = tmp_path / "cluster"
     root.mkdir()
-    env = {**os.environ, "WANDB_ERROR_REPORTING": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *LONG, *ON_CLUSTER,
+    logged = [a for a in LONG if a != "logger=none"]
+    env = {**os.environ, **online, "WANDB_ERROR_REPORTING": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *logged, *ON_CLUSTER,
                              "name=preempt"], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_rows(root, 4, proc)
@@ -142,6 +146,12 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(local_slurm: s
     assert rows == [{k: r[k] for k in COMPARED} for r in expected.read_metrics()]
     assert {k: summary[k] for k in COMPARED} == {k: expected.read_summary()[k] for k in COMPARED}
 
+    steps = folder_steps(folder, "train_loss")  # on W&B: one run, every step once
+    got = server_steps(wandb_server, run_id_of(folder), "train_loss")
+    assert same_points(got, steps), (got, steps)
+    runs = get_json(f"{wandb_server}/api/v2/projects/default/ncsweep/runs?limit=1000")["runs"]
+    assert [r["run_id"] for r in runs].count(run_id_of(folder)) == 1
+
 
 SLICES = {  # a slice of each published grid, dry-run: it checks the one command, not the science
     "design_card.sh": (["seed=0", "head=etf", "dim=K"], 1),
@@ -149,22 +159,40 @@ SLICES = {  # a slice of each published grid, dry-run: it checks the one command
                           "arch.lambda_h=1e-3", "seed=0"], 1),
     "zhu2021_cifar10_resnet18.sh": (["head=etf", "dim=K", "seed=0"], 1),
     "zhou2022_mse_dims.sh": (["dim=9"], 1),
+    # a dry run is one step on one device: one task, a batch of 2 (the 8-rank run is test_ddp's)
+    "papyan2020_imagenet.sh": (["seed=0", "hydra.launcher.tasks_per_node=1",
+                                "trainer.batch_size=2"], 1),
+    "zhu2021_imagenet_resnet50.sh": (["head=etf", "dim=K", "hydra.launcher.tasks_per_node=1",
+                                      "trainer.batch_size=2"], 1),
 }
 
 
+@pytest.fixture(scope="module")
+def launched(local_slurm: str, tmp_path_factory: pytest.TempPathFactory
+             ) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every script's slice, all at once (one CPU each): their jobs share the node."""
+    folders = {script: tmp_path_factory.mktemp(script.removesuffix(".sh")) for script in SLICES}
+
+    def launch(script: str) -> tuple[subprocess.CompletedProcess, Path]:
+        cwd = folders[script]
+        result = subprocess.run(
+            [str(ROOT / "launch" / script), *SLICES[script][0], "trainer.dry_run=true",
+             "logger=none", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=1",
+             "hydra.launcher.cpus_per_task=1"],
+            cwd=cwd, text=True, capture_output=True, timeout=300,
+            env={**os.environ, "NCSWEEP_SLURM_PARTITION": "local"})
+        return result, cwd
+
+    with ThreadPoolExecutor(len(SLICES)) as pool:
+        return dict(zip(SLICES, pool.map(launch, SLICES), strict=True))
+
+
 @pytest.mark.parametrize("script", sorted(SLICES))
-def test_launch_scripts_run_their_grid_on_slurm(local_slurm: str, tmp_path: Path,
-                                                script: str) -> None:
-    overrides, jobs = SLICES[script]
-    result = subprocess.run(
-        [str(ROOT / "launch" / script), *overrides, "trainer.dry_run=true", "logger=none",
-         "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=1",
-         "hydra.launcher.cpus_per_task=1"],
-        cwd=tmp_path, text=True, capture_output=True, timeout=300,
-        env={**os.environ, "NCSWEEP_SLURM_PARTITION": "local"})
+def test_launch_scripts_run_their_grid_on_slurm(launched: dict, script: str) -> None:
+    result, cwd = launched[script]
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = [json.loads(p.read_text()) for p in tmp_path.glob("multirun/*/*/summary.json")]
-    assert len(runs) == jobs and all(r["status"] == "dry_run" for r in runs)
+    runs = [json.loads(p.read_text()) for p in cwd.glob("multirun/*/*/summary.json")]
+    assert len(runs) == SLICES[script][1] and all(r["status"] == "dry_run" for r in runs)
     assert all(r["params_total"] > 0 for r in runs)
 
 

@@ -6,82 +6,28 @@ queries do not work against it.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ncsweep.tracking import RunFolder
-from tests.conftest import IN_CI, run_cli
+from tests.conftest import API_KEY, get_json, run_cli
 
 TINY = ["trainer.epochs=4", "trainer.eval_every=2", "arch.width=32", "trainer.progress=false"]
-API_KEY = "k" * 40
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture(scope="session")
-def wandb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One openwandb server for the session, on a free port, stopped at the end."""
-    command = shutil.which("openwandb", path=str(Path(sys.executable).parent)) or shutil.which(
-        "openwandb")
-    if command is None:
-        if IN_CI:
-            pytest.fail("openwandb is not installed (pip install -e '.[dev]')", pytrace=False)
-        pytest.skip("openwandb is not installed (pip install -e '.[dev]')")
-    port = _free_port()
-    data = tmp_path_factory.mktemp("openwandb")
-    log = open(data / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([command, "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--data-dir", str(data / "data")], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            try:
-                _get(f"{url}/api/v2/projects", timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"openwandb did not answer: {(data / 'server.log').read_text()}")
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-@pytest.fixture
-def online(wandb_server: str) -> dict:
-    return {"WANDB_MODE": "online", "WANDB_BASE_URL": wandb_server, "WANDB_API_KEY": API_KEY}
 
 
 def server_steps(url: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of every point the server stored for ``key``, in step order."""
     try:
-        metrics = _get(f"{url}/api/v2/runs/{run_id}/metrics?key={key}")["metrics"]
+        metrics = get_json(f"{url}/api/v2/runs/{run_id}/metrics?key={key}")["metrics"]
     except urllib.error.HTTPError:
         return []
     return sorted((int(m["step"]), float(m["value"])) for m in metrics)
@@ -169,27 +115,3 @@ def test_sync_uploads_a_sweeps_offline_runs_once(tmp_path: Path, wandb_server: s
     for folder in folders:
         steps = [s for s, _ in server_steps(wandb_server, run_id_of(folder), "train_loss")]
         assert steps == [0, 2, 4]
-
-
-@pytest.mark.slurm
-def test_a_preempted_online_run_is_one_run_with_every_step_once(local_slurm: str,
-                                                                tmp_path: Path, online: dict,
-                                                                wandb_server: str) -> None:
-    from tests.test_slurm_sweeps import LONG, ON_CLUSTER, _running_job_id, _wait_for_rows
-
-    overrides = [a for a in LONG if a != "logger=none"]
-    env = {**os.environ, **online, "WANDB_ERROR_REPORTING": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *overrides, *ON_CLUSTER,
-                             "name=preempt"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_rows(tmp_path, 4, proc)
-    subprocess.run(["scancel", "--signal=USR2", _running_job_id()], check=True, timeout=30)
-    _, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    [folder] = [RunFolder(p.parent) for p in tmp_path.glob("multirun/preempt/*/DONE")]
-    assert folder.read_summary()["resumed_from_epoch"] >= 1
-    expected = folder_steps(folder, "train_loss")
-    got = server_steps(wandb_server, run_id_of(folder), "train_loss")
-    assert same_points(got, expected), (got, expected)
-    runs = _get(f"{wandb_server}/api/v2/projects/default/ncsweep/runs?limit=1000")["runs"]
-    assert [r["run_id"] for r in runs].count(run_id_of(folder)) == 1
