@@ -89,8 +89,8 @@ class UFMBatch:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of two (R, P) tensors."""
-    return torch.linalg.vecdot(a, b, dim=1)
+    """Row-wise dot products of two (R, P) tensors (a product and a sum: faster than vecdot)."""
+    return (a * b).sum(dim=1)
 
 
 
