@@ -261,11 +261,7 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
         folder.prepare()
     started = time.perf_counter()
     run = build_run(cfg, plain, read_data=not trainer_cfg["dry_run"])
-    summary = {**identity, "epochs": trainer_cfg["epochs"],
-               "batch_size": trainer_cfg["batch_size"], "ensemble": 1,
-               "world_size": distributed.world_size(),
-               "sync_batchnorm": bool(trainer_cfg.get("sync_batchnorm"))}
-    summary.pop("created")
+    summary = summary_head(identity, trainer_cfg)
     summary.update(run.describe())
     folder.write_config(plain)
     if trainer_cfg["dry_run"]:
@@ -320,6 +316,15 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     mirror.finish(summary)
     folder.mark_done()
     return summary
+
+
+def summary_head(identity: Mapping, trainer_cfg: Mapping, ensemble: int = 1) -> dict:
+    """What every summary starts with: identity, the training shape, ensemble and ranks."""
+    head = {**identity, "epochs": trainer_cfg["epochs"], "batch_size": trainer_cfg["batch_size"],
+            "ensemble": ensemble, "world_size": distributed.world_size(),
+            "sync_batchnorm": bool(trainer_cfg.get("sync_batchnorm"))}
+    head.pop("created", None)
+    return head
 
 
 def finish_run(folder: RunFolder, run: Any, summary: dict, result: Any, state: dict | None,

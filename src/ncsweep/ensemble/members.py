@@ -173,6 +173,8 @@ def build_members(configs: Sequence[tuple[DictConfig, dict]],
 
 def _build(members: list[Member]) -> None:
     """Each member's folder, parts (exactly its solo run's, data read once) and W&B run."""
+    from ncsweep.jobs import summary_head
+
     for m in members:
         if m.plain["trainer"]["resume"] == "never":
             m.context.folder.reset()
@@ -184,9 +186,7 @@ def _build(members: list[Member]) -> None:
         folder = m.context.folder
         m.run = run
         trainer_cfg = m.plain["trainer"]
-        m.summary = {**m.identity, "epochs": trainer_cfg["epochs"],
-                     "batch_size": trainer_cfg["batch_size"], "ensemble": len(members)}
-        m.summary.pop("created")
+        m.summary = summary_head(m.identity, trainer_cfg, len(members))
         folder.write_config(m.plain)
         folder.keep_metrics([r for r in folder.read_metrics()
                              if m.state is not None and r["epoch"] <= m.state["epoch"]])
