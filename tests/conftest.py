@@ -75,6 +75,26 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None =
                           capture_output=True, timeout=timeout, env=full_env)
 
 
+def sweep_job_ids(sweep: Path) -> list[str]:
+    """The scheduler job ids a sweep recorded in its job list."""
+    lines = (sweep / ".ncsweep-jobs.jsonl").read_text().splitlines()
+    return sorted({json.loads(line)["job_id"] for line in lines})
+
+
+def wait_for_rows(proc: subprocess.Popen, sweep: Path, pattern: str, rows: int,
+                  timeout: float = 300) -> None:
+    """Until a metrics file matching ``pattern`` in ``sweep`` holds ``rows`` rows; the sweep
+    process must keep running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        found = sorted(sweep.glob(pattern))
+        if found and len(found[0].read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern} with {rows} rows in {sweep} after {timeout} s")
+
+
 # The local single-node SLURM cluster (launch/local_slurm.sh). It needs root and Debian's
 # SLURM packages (installed with apt when missing); without them the SLURM tests skip with
 # the reason, except under CI=true, where they fail.

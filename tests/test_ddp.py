@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ from ncsweep.errors import ConfigError
 from ncsweep.launcher.plan import ranks
 from ncsweep.tracking import RunFolder
 from ncsweep.training import Trainer
-from tests.conftest import compose_cfg, run_cli, sacct_state
+from tests.conftest import compose_cfg, run_cli, sacct_state, sweep_job_ids, wait_for_rows
 
 MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "seed=0",
        "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",
@@ -94,15 +93,8 @@ def test_two_ranks_on_the_cluster_resume_a_preemption_bitwise(
                             cwd=root, env={**os.environ, "WANDB_ERROR_REPORTING": "false"},
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sweep_dir = root / "multirun" / "ddp"
-    deadline = time.monotonic() + 200
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        metrics = list(sweep_dir.glob("*/metrics.jsonl"))
-        if metrics and len(metrics[0].read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.1)
-    [job_id] = {json.loads(line)["job_id"]
-                for line in (sweep_dir / ".ncsweep-jobs.jsonl").read_text().splitlines()}
+    wait_for_rows(proc, sweep_dir, "*/metrics.jsonl", 2, timeout=200)
+    [job_id] = sweep_job_ids(sweep_dir)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -127,10 +119,7 @@ def test_a_killed_rank_fails_the_run_in_one_line_naming_it(tmp_path: Path) -> No
                             env={**os.environ, "WANDB_ERROR_REPORTING": "false"}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sweep_dir = tmp_path / "multirun" / "ddp"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(sweep_dir.glob("*/metrics.jsonl")):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    wait_for_rows(proc, sweep_dir, "*/metrics.jsonl", 1, timeout=120)
     rank1 = _rank_pid(1)
     os.kill(rank1, signal.SIGKILL)
     killed = time.monotonic()

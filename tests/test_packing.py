@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import run_cli, sacct_state
+from tests.conftest import run_cli, sacct_state, sweep_job_ids, wait_for_rows
 
 ON_CLUSTER = ["launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=1",
               "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30",
@@ -24,11 +23,6 @@ LONG = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "
         "trainer.epochs=12", "trainer.eval_every=2", "trainer.checkpoint_every=1",
         "trainer.batch_size=64", "name=packed"]
 COMPARED = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", *KEYS)
-
-
-def job_ids(sweep: Path) -> list[str]:
-    lines = (sweep / ".ncsweep-jobs.jsonl").read_text().splitlines()
-    return sorted({json.loads(line)["job_id"] for line in lines})
 
 
 def runs(sweep: Path) -> dict[str, RunFolder]:
@@ -45,7 +39,7 @@ def test_eight_runs_four_a_task_are_two_array_tasks_and_a_rerun_skips_them(
     sweep = tmp_path / "multirun" / "packed"
     assert "2 job(s) on partition" in first.stdout and "8 runs, up to 4 a job" in first.stdout
     assert "sweep " in first.stdout and ": 8 done" in first.stdout
-    ids = job_ids(sweep)
+    ids = sweep_job_ids(sweep)
     assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1, ids
     deadline = time.monotonic() + 60
     states = [sacct_state(i) for i in ids]
@@ -68,7 +62,7 @@ def test_lanes_of_a_local_task_and_a_failing_run_that_stops_nothing(tmp_path: Pa
                       "hydra.launcher.cpus_per_task=2", "name=lanes"], tmp_path, timeout=300)
     assert result.returncode == 1
     sweep = tmp_path / "multirun" / "lanes"
-    assert len(job_ids(sweep)) == 1
+    assert len(sweep_job_ids(sweep)) == 1
     assert ": 2 done, 2 failed" in result.stdout, result.stdout
     folders = runs(sweep)
     assert sorted(f.status for f in folders.values()) == ["done", "done", "failed", "failed"]
@@ -97,15 +91,9 @@ def test_a_preempted_packed_task_resumes_only_its_unfinished_runs(local_slurm: s
     sweep = root / "multirun" / "packed"
     second = next(name for name in expected if "seed=1" in name)
     first = next(name for name in expected if "seed=0" in name)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        metrics = sweep / second / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
+    wait_for_rows(proc, sweep, f"{second}/metrics.jsonl", 3)
     done_before = (sweep / first / "summary.json").stat().st_mtime_ns
-    [job_id] = job_ids(sweep)
+    [job_id] = sweep_job_ids(sweep)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
