@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from ncsweep.config import ConfigError, check_overrides, group_options
 from ncsweep.data import DatasetNotFound
 from ncsweep.data.files import LAYOUTS, read_small
+from ncsweep.data.tabular import digits_arrays, stratified_split
 from tests.conftest import CONF, compose_cfg, run_cli
 from tests.test_vision import K, _pattern_images, load, write_cifar10, write_mnist
 
@@ -125,6 +126,32 @@ def test_tabular_sets_check_their_options_too() -> None:
         load(["dataset=synthetic", "dataset.input_shape=[4,4]"])
     with pytest.raises(ConfigError, match=r"^dataset\.input_shape=\[32\] is not allowed: \[64\]"):
         load(["dataset.input_shape=[32]"])
+
+
+@pytest.mark.parametrize("fraction,seed", [(0.2, 0), (0.3, 7), (0.013, 1), (0.77, 123)])
+def test_digits_and_their_split_are_scikit_learns(fraction: float, seed: int) -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = digits_arrays()
+    sk_x, sk_y = load_digits(return_X_y=True)
+    assert np.array_equal(x, sk_x) and np.array_equal(y, sk_y) and x.dtype == sk_x.dtype
+    rows = np.arange(len(y))
+    expected = train_test_split(rows, test_size=fraction, random_state=seed, stratify=y)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(stratified_split(y, fraction, seed), expected, strict=True))
+    rng = np.random.default_rng(seed)  # unequal classes, where ties in the remainders are drawn
+    labels = np.concatenate([rng.integers(0, 7, 1000), np.arange(7), np.arange(7)])
+    expected = train_test_split(np.arange(len(labels)), test_size=fraction,
+                                random_state=seed, stratify=labels)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(stratified_split(labels, fraction, seed), expected, strict=True))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 0.001, 1.5])
+def test_a_digits_split_that_leaves_a_class_out_is_refused(fraction: float) -> None:
+    with pytest.raises(ConfigError, match=rf"^dataset\.test_fraction={fraction} is not allowed"):
+        load([f"dataset.test_fraction={fraction}"])
 
 
 def test_a_corrupt_file_is_not_a_config_error(tmp_path: Path) -> None:

@@ -6,8 +6,11 @@ the UFM takes per-class sample counts instead (its labels define the objective).
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,15 +24,12 @@ from ncsweep.data.variants import Variants, realised
 def load_digits(name: str = "digits", num_classes: int = 10, input_shape: Sequence[int] = (64,),
                 test_fraction: float = 0.2, split_seed: int = 0, **variants: Any) -> DataBundle:
     """scikit-learn's bundled 8x8 digits, a seeded stratified split, standardised on train."""
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
     options = Variants.from_options(variants)
     options.check(num_classes)
-    x, y = sk_digits(return_X_y=True)
+    x, y = digits_arrays()
     check_declared(name, "input_shape", input_shape, x.shape[1:])
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction,
-                                              random_state=split_seed, stratify=y)
+    train_rows, test_rows = stratified_split(y, test_fraction, split_seed)
+    x_tr, x_te, y_tr, y_te = x[train_rows], x[test_rows], y[train_rows], y[test_rows]
     mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
     std[std < 1e-6] = 1.0
     train, test, info = options.apply(name, as_split((x_tr - mean) / std, y_tr),
@@ -37,6 +37,59 @@ def load_digits(name: str = "digits", num_classes: int = 10, input_shape: Sequen
                                       num_classes)
     return DataBundle(name, num_classes, tuple(input_shape), train, test, info,
                       info["minority_classes"])
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(1797 x 64 float64 pixels, int labels) from the file scikit-learn ships, read as its
+    ``load_digits`` reads it, without importing scikit-learn (over a second a process)."""
+    package = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0])
+    path = package / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as file:
+        data = np.loadtxt(file, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows) exactly as scikit-learn's ``train_test_split(test_size=
+    test_fraction, random_state=seed, stratify=labels)`` draws them (StratifiedShuffleSplit)."""
+    n = labels.shape[0]
+    classes, inverse = np.unique(labels, return_inverse=True)
+    counts = np.bincount(inverse)
+    n_test = math.ceil(test_fraction * n) if 0 < test_fraction < 1 else 0
+    if not min(n_test, n - n_test) >= classes.size or counts.min() < 2:
+        raise ConfigError("dataset.test_fraction", test_fraction,
+                          f"a fraction in (0, 1) that leaves both splits at least "
+                          f"{classes.size} samples (one a class)")
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_train_k = _approximate_mode(counts, n - n_test, rng)
+    n_test_k = _approximate_mode(counts - n_train_k, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for k, rows in enumerate(by_class):
+        shuffled = rows.take(rng.permutation(counts[k]), mode="clip")
+        train.extend(shuffled[:n_train_k[k]])
+        test.extend(shuffled[n_train_k[k]:n_train_k[k] + n_test_k[k]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's approximate mode of the multivariate hypergeometric: per-class draws
+    proportional to counts, the remainder given by largest leftover, ties broken by rng."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add = min(len(tied), need)
+            floored[rng.choice(tied, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def make_synthetic(name: str = "synthetic", num_classes: int = 10,
