@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,11 @@ def assert_same_run(a: RunFolder, b: RunFolder, rtol: float) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunFolder]:
     """One-process runs and their two-rank (launcher=local) twins, same global batch."""
     root = tmp_path_factory.mktemp("ranks")
-    return {f"{model}/{world}": sweep([*args, *extra], root / model / str(world))
-            for model, args in (("mlp", MLP), ("ufm", UFM))
-            for world, extra in ((1, []), (2, LOCAL_RANKS))}
+    cases = {f"{model}/{world}": [*args, *extra] for model, args in (("mlp", MLP), ("ufm", UFM))
+             for world, extra in ((1, []), (2, LOCAL_RANKS))}
+    with ThreadPoolExecutor(2) as pool:  # two sweeps at a time: their start-up is one core's
+        done = pool.map(lambda case: sweep(cases[case], root / case), cases)
+        return dict(zip(cases, done, strict=True))
 
 
 @pytest.mark.parametrize("model", ["mlp", "ufm"])

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,8 @@ def test_a_preempted_packed_task_resumes_only_its_unfinished_runs(local_slurm: s
                                                                   tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
-    plain = run_cli(["-m", "seed=0,1,2", *LONG], reference, timeout=400)
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    expected = runs(reference / "multirun" / "packed")
+    pool = ThreadPoolExecutor(1)  # the unpacked runs, on the CPU the task leaves free
+    plain = pool.submit(run_cli, ["-m", "seed=0,1,2", *LONG], reference, timeout=400)
 
     root = tmp_path / "cluster"
     root.mkdir()
@@ -89,22 +89,25 @@ def test_a_preempted_packed_task_resumes_only_its_unfinished_runs(local_slurm: s
                             env={**os.environ, "WANDB_ERROR_REPORTING": "false"}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sweep = root / "multirun" / "packed"
-    second = next(name for name in expected if "seed=1" in name)
-    first = next(name for name in expected if "seed=0" in name)
-    wait_for_rows(proc, sweep, f"{second}/metrics.jsonl", 3)
+    wait_for_rows(proc, sweep, "*seed=1*/metrics.jsonl", 3)
+    [first] = [p.name for p in sweep.glob("*seed=0*")]
     done_before = (sweep / first / "summary.json").stat().st_mtime_ns
     [job_id] = sweep_job_ids(sweep)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     assert ": 3 done" in out, out
+    assert plain.result().returncode == 0, plain.result().stderr[-3000:]
+    pool.shutdown()
+    expected = runs(reference / "multirun" / "packed")
     history = sacct_state(job_id, "--duplicates")
     assert "REQUEUED" in history or "PREEMPTED" in history, history
     folders = runs(sweep)
     assert (sweep / first / "summary.json").stat().st_mtime_ns == done_before
     resumed = {name: f.read_summary()["resumed_from_epoch"] for name, f in folders.items()}
+    second, third = (next(name for name in folders if f"seed={seed}" in name) for seed in (1, 2))
     assert resumed[first] is None and resumed[second] >= 1, resumed
-    assert resumed[next(n for n in folders if "seed=2" in n)] is None
+    assert resumed[third] is None
     for name, folder in folders.items():
         assert ([{k: r[k] for k in COMPARED} for r in folder.read_metrics()]
                 == [{k: r[k] for k in COMPARED} for r in expected[name].read_metrics()]), name

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,7 @@ def rows_of(folder: RunFolder) -> list[dict]:
     return [{k: r[k] for k in COMPARED} for r in folder.read_metrics()]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> RunFolder:
-    root = tmp_path_factory.mktemp("uninterrupted")
+def uninterrupted(root: Path) -> RunFolder:
     result = run_cli(RUN, root)
     assert result.returncode == 0, result.stderr
     return only_run(root)
@@ -58,20 +57,41 @@ def start_and_interrupt(root: Path, signum: int, after_rows: int) -> int:
     return proc.returncode
 
 
+def interrupted_then_resumed(root: Path, signum: int) -> tuple[int, str, RunFolder]:
+    """(exit code, outcome recorded, folder) of a run signalled after 4 eval rows, then the
+    same command re-run to completion."""
+    code = start_and_interrupt(root, signum, after_rows=4)
+    folder = only_run(root)
+    assert folder.status == "started" and not folder.file("DONE").exists()
+    outcome = (folder.last_attempt() or {}).get("outcome")
+    result = run_cli(RUN, root)
+    assert result.returncode == 0, result.stderr
+    return code, outcome, folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted run and the SIGKILLed and SIGTERMed ones, resumed, side by side."""
+    roots = {key: tmp_path_factory.mktemp(str(key)) for key in
+             ("uninterrupted", signal.SIGKILL, signal.SIGTERM)}
+    with ThreadPoolExecutor(len(roots)) as pool:
+        reference = pool.submit(uninterrupted, roots["uninterrupted"])
+        resumed = {signum: pool.submit(interrupted_then_resumed, roots[signum], signum)
+                   for signum in (signal.SIGKILL, signal.SIGTERM)}
+        return {"uninterrupted": reference.result(),
+                **{signum: future.result() for signum, future in resumed.items()}}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, signum: int,
-                                                             uninterrupted: RunFolder) -> None:
-    code = start_and_interrupt(tmp_path, signum, after_rows=4)
-    folder = only_run(tmp_path)
-    assert code != 0 and folder.status == "started"
-    assert not folder.file("DONE").exists()
+def test_interrupted_run_resumes_to_the_uninterrupted_result(signum: int, runs: dict) -> None:
+    code, outcome, folder = runs[signum]
+    assert code != 0
     if signum == signal.SIGTERM:
         assert code == 128 + signal.SIGTERM
-        assert folder.last_attempt()["outcome"] == "interrupted"
-    result = run_cli(RUN, tmp_path)
-    assert result.returncode == 0, result.stderr
+        assert outcome == "interrupted"
     summary = folder.read_summary()
     assert summary["status"] == "done" and summary["resumed_from_epoch"] >= 1
+    uninterrupted = runs["uninterrupted"]
     assert rows_of(folder) == rows_of(uninterrupted)
     expected = uninterrupted.read_summary()
     assert {k: summary[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}

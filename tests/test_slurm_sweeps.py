@@ -121,9 +121,8 @@ def test_preempted_job_is_requeued_resumes_to_the_same_result_and_is_one_online_
         local_slurm: str, tmp_path: Path, online: dict, wandb_server: str) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
-    plain = run_cli(["-m", *LONG, "name=preempt"], reference, timeout=400)
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    [expected] = [RunFolder(p.parent) for p in reference.glob("multirun/preempt/*/DONE")]
+    pool = ThreadPoolExecutor(1)  # the uninterrupted run, on the CPU the job leaves free
+    plain = pool.submit(run_cli, ["-m", *LONG, "name=preempt"], reference, timeout=400)
 
     root = tmp_path / "cluster"
     root.mkdir()
@@ -137,6 +136,9 @@ def test_preempted_job_is_requeued_resumes_to_the_same_result_and_is_one_online_
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
+    assert plain.result().returncode == 0, plain.result().stderr[-3000:]
+    pool.shutdown()
+    [expected] = [RunFolder(p.parent) for p in reference.glob("multirun/preempt/*/DONE")]
     [folder] = [RunFolder(p.parent) for p in root.glob("multirun/preempt/*/summary.json")]
     summary = folder.read_summary()
     assert summary["status"] == "done" and summary["resumed_from_epoch"] >= 1
