@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,11 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def solo_and_ensemble(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     solo, ens = tmp_path_factory.mktemp("solo"), tmp_path_factory.mktemp("ensemble")
-    first = run_cli(["-m", f"seed={SEEDS}", *TEN_STEPS], solo)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda a: run_cli(["-m", f"seed={SEEDS}", *TEN_STEPS, *a[1]],
+                                                   a[0]), ((solo, []),
+                                                           (ens, ["trainer.ensemble=true"])))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(["-m", f"seed={SEEDS}", *TEN_STEPS, "trainer.ensemble=true"], ens)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "ensemble: 4 seeds (0, 1, 2, 3) as one batched model" in second.stdout
     assert "4 done" in first.stdout and "4 done" in second.stdout
@@ -169,8 +172,8 @@ LONG = ["-m", "seed=0,1", "logger=none", "trainer.progress=false", "trainer.dete
 def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
-    plain = run_cli(LONG, reference)
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    pool = ThreadPoolExecutor(1)  # the uninterrupted ensemble, beside the interrupted one
+    plain = pool.submit(run_cli, LONG, reference)
     root = tmp_path / "interrupted"
     root.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "ncsweep", *LONG], cwd=root, text=True,
@@ -190,6 +193,8 @@ def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path: P
     again = run_cli(LONG, root)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 done" in again.stdout and "ensemble: 2 seeds" in again.stdout
+    assert plain.result().returncode == 0, plain.result().stderr[-3000:]
+    pool.shutdown()
     for seed, folder in folders(root).items():
         expected = folders(reference)[seed]
         summary = folder.read_summary()
