@@ -143,10 +143,12 @@ def test_a_ufm_ensemble_matches_single_runs_in_float64(tmp_path: Path) -> None:
             "seed=0,1,2", "logger=none", "trainer.progress=false", "name=ens",
             "dataset.n_per_class=5", "trainer.epochs=40", "trainer.eval_every=10"]
     solo, ens = tmp_path / "solo", tmp_path / "ens"
-    for root, extra in ((solo, []), (ens, ["trainer.ensemble=true"])):
-        root.mkdir()
-        result = run_cli([*args, *extra], root)
-        assert result.returncode == 0, result.stderr[-3000:]
+    solo.mkdir()
+    ens.mkdir()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda a: run_cli([*args, *a[1]], a[0]),
+                                ((solo, []), (ens, ["trainer.ensemble=true"]))))
+        assert all(r.returncode == 0 for r in results), [r.stderr[-3000:] for r in results]
     ens_runs = [RunFolder(p.parent) for p in (ens / "multirun" / "ens").glob("*/DONE")]
     assert len(ens_runs) == 3
     for folder in ens_runs:
