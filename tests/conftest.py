@@ -29,6 +29,9 @@ FAST = ["logger=none", "trainer.progress=false"]
 
 register_resolvers()
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # small models; parallel jobs must not thrash
+# The SLURM tests run beside the others on the same cores (tests/suite.sh): a thread waiting at
+# an OpenMP barrier sleeps instead of spinning on a core another process needs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,8 @@ MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "s
 UFM = ["logger=none", "trainer.progress=false", "seed=0", "experiment=ufm",
        "dataset.num_classes=4", "dataset.n_per_class=5", "trainer.epochs=3",
        "trainer.eval_every=3", "optim.max_iter=4", "name=ddp"]
+pytestmark = pytest.mark.distributed
+
 LOCAL_RANKS = ["launcher=local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.poll_s=0.5"]
 SLURM_RANKS = ["launcher=slurm", "hydra.launcher.tasks_per_node=2",
                "hydra.launcher.cpus_per_task=1", "hydra.launcher.gpus_per_node=null",
