@@ -140,6 +140,39 @@ def test_a_killed_rank_fails_the_run_in_one_line_naming_it(tmp_path: Path) -> No
     assert line in out
 
 
+def test_a_hung_rank_is_reported_while_waited_for_then_fails_the_run(tmp_path: Path) -> None:
+    timeout = 12
+    args = [*MLP, "trainer.epochs=500", "trainer.eval_every=1", "trainer.deterministic=false",
+            *LOCAL_RANKS, f"hydra.launcher.rank_timeout_s={timeout}"]
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *args], cwd=tmp_path,
+                            env={**os.environ, "WANDB_ERROR_REPORTING": "false"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sweep_dir = tmp_path / "multirun" / "ddp"
+    wait_for_rows(proc, sweep_dir, "*/metrics.jsonl", 1, timeout=120)
+    [run] = [RunFolder(p.parent) for p in sweep_dir.glob("*/run.json")]
+    rank1 = _rank_pid(1)
+    os.kill(rank1, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
+    stopped = time.monotonic()
+    try:
+        while not run.file("FAILED").exists() and time.monotonic() - stopped < 90:
+            time.sleep(0.2)
+        failed_after = time.monotonic() - stopped
+    finally:
+        os.kill(rank1, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=90)
+    assert timeout <= failed_after < timeout + 20, failed_after
+    assert proc.returncode == 1 and ": 1 failed" in out, out
+    assert not run.file("DONE").exists()
+    line = run.failure()
+    assert line.startswith(f"RankLost: rank 1 of 2 died or stopped answering (collective "
+                           f"timeout {timeout} s)"), line
+    [log] = sweep_dir.glob(".submitit/*/*_0_log.err")  # rank 0's own log, on the task's stderr
+    beats = [ln for ln in log.read_text().splitlines()
+             if "rank 0 of 2: nothing exchanged with the other ranks for" in ln]
+    assert len(beats) >= 2, log.read_text()[-3000:]  # one every timeout / 4 s while it waits
+    assert f"hydra.launcher.rank_timeout_s = {timeout} s" in beats[0]
+
+
 def _rank_pid(rank: int) -> int:
     """The pid of this user's submitit task of the given global rank."""
     for environ in Path("/proc").glob("[0-9]*/environ"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,36 @@ _ROLL_CALL = "ncsweep/roll-call/"
 _COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out",
                  "broken pipe")
 _timeout_s = [1800.0]
+HEARTBEAT_MAX_S = 60.0
+
+
+class _Heartbeat(threading.Thread):
+    """While joined: a warning for every ``every`` seconds in which this rank finished no
+    exchange with the others, so a wait on a rank that hangs is never silent."""
+
+    def __init__(self, every: float) -> None:
+        super().__init__(name="ncsweep-rank-heartbeat", daemon=True)
+        self.every = every
+        self.last = time.monotonic()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            idle = time.monotonic() - self.last
+            if idle >= self.every:
+                log.warning("rank %d of %d: nothing exchanged with the other ranks for %.0f s "
+                            "(a long step or eval pass, or a rank that hangs: a collective "
+                            "fails after hydra.launcher.rank_timeout_s = %g s)", rank(),
+                            world_size(), idle, _timeout_s[0])
+
+
+_heartbeat: list[_Heartbeat] = []
+
+
+def _exchanged() -> None:
+    """A collective finished: the other ranks answered."""
+    if _heartbeat:
+        _heartbeat[0].last = time.monotonic()
 
 
 def is_distributed(group: ProcessGroup | None = None) -> bool:
@@ -47,6 +78,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     """Sum `tensor` in place over the ranks of `group` (e.g. loss sums, correct counts)."""
     if is_distributed(group):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        _exchanged()
     return tensor
 
 
@@ -54,6 +86,7 @@ def all_reduce_max(tensor: torch.Tensor, group: ProcessGroup | None = None) -> t
     """Elementwise maximum of `tensor` in place over the ranks of `group`."""
     if is_distributed(group):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+        _exchanged()
     return tensor
 
 
@@ -87,6 +120,8 @@ def join(rank_: int, world: int, local_rank: int, master_addr: str, master_port:
                             timeout=datetime.timedelta(seconds=timeout_s))
     log.info("rank %d of %d joined (pid %d, %s:%d, %s)", rank_, world, os.getpid(),
              master_addr, master_port, "NCCL and gloo" if cuda else "gloo")
+    _heartbeat[:] = [_Heartbeat(min(HEARTBEAT_MAX_S, max(1.0, timeout_s / 4)))]
+    _heartbeat[0].start()
 
 
 def join_from_submitit(timeout_s: float) -> bool:
@@ -104,6 +139,8 @@ def join_from_submitit(timeout_s: float) -> bool:
 
 def leave() -> None:
     """Tear the process group down (end of a task); no-op when there is none."""
+    if _heartbeat:
+        _heartbeat.pop().stopped.set()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -129,6 +166,7 @@ def broadcast_object(value: Any) -> Any:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
+    _exchanged()
     return box[0]
 
 
@@ -138,6 +176,7 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=0)
+    _exchanged()
 
 
 def shard(n: int) -> slice:
