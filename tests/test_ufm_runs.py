@@ -21,6 +21,9 @@ def test_ufm_from_random_starts_reaches_the_global_optimum(job_runner, loss: str
     assert summary["reached_global_optimum"] and not summary["spurious_minimum_suspect"]
     assert summary["hessian_min_eig"] > -1e-6
     assert summary["nc1"] < 1e-8 and summary["nc2_w"] < 1e-4 and summary["nc3"] < 1e-4
+    # the Hessian certificate is part of the run's wall time, and its own time is recorded
+    assert summary["final_checks_time_s"] > 0
+    assert summary["wall_time_s"] >= summary["train_time_s"] + summary["final_checks_time_s"]
 
 
 def test_mse_without_bias_ends_in_an_orthogonal_frame(job_runner) -> None:

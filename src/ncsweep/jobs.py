@@ -306,8 +306,7 @@ def execute(cfg: DictConfig, plain: dict, identity: Mapping, context: JobContext
     except BaseException:
         mirror.finish(exit_code=1)
         raise
-    finish_run(folder, run, summary, result, state, time.perf_counter() - started, earlier_wall,
-               attempts)
+    finish_run(folder, run, summary, result, state, started, earlier_wall, attempts)
     if summary.get("spurious_minimum_suspect"):
         log.warning("WARNING spurious_minimum_suspect: gradient norm %.2e, objective gap %.2e, "
                     "smallest Hessian eigenvalue %.2e (no negative curvature)",
@@ -328,14 +327,20 @@ def summary_head(identity: Mapping, trainer_cfg: Mapping, ensemble: int = 1) -> 
 
 
 def finish_run(folder: RunFolder, run: Any, summary: dict, result: Any, state: dict | None,
-               wall: float, earlier_wall: float, attempts: int) -> None:
-    """A finished fit into the summary (results, memory, times, final checks), run files written."""
+               started: float, earlier_wall: float, attempts: int) -> None:
+    """A finished fit into the summary (results, memory, final checks, then the times, which
+    count the checks: a Hessian certificate can cost more than the fit), run files written."""
+    checks_started = time.perf_counter()
+    checks = run.final_checks(result.final)
+    now = time.perf_counter()
+    wall = now - started
     summary.update(status="done", resumed_from_epoch=state["epoch"] if state else None,
                    **result.final, **_memory_fields(result.peak_memory, result.train_memory),
                    **_times(wall, earlier_wall, result, attempts),
+                   final_checks_time_s=now - checks_started,
                    time_per_epoch_s=result.train_time_s / max(result.epochs_run, 1),
                    samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9))
-    summary.update(run.final_checks(result.final))
+    summary.update(checks)
     for name, text in run.model.backbone.run_files().items():
         if folder.writer:
             write_atomic(folder.file(name), text)

@@ -206,8 +206,7 @@ def _finish(m: Member, result: Any, started: float) -> dict:
 
     folder = m.context.folder
     summary = m.summary
-    finish_run(folder, m.run, summary, result, m.state, time.perf_counter() - started,
-               m.earlier_wall, m.attempts)
+    finish_run(folder, m.run, summary, result, m.state, started, m.earlier_wall, m.attempts)
     folder.write_summary(summary)
     m.mirror.finish(summary)
     folder.mark_done()
