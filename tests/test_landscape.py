@@ -17,6 +17,7 @@ from ncsweep.landscape import (
     UFMBatch,
     distinct_values,
     hessian_min_eigs,
+    hessians,
 )
 from ncsweep.report import load, ufm_table, write_report
 from ncsweep.theory import ufm_hessian_min_eig, ufm_objective
@@ -84,6 +85,33 @@ def test_each_batched_start_follows_its_single_start_run(kind: str, loss: str) -
         assert torch.allclose(batched.x[r], alone.x[0], rtol=1e-7, atol=1e-9)
         assert int(batched.iterations[r]) == int(alone.iterations[0])
     assert distinct_values(batched.value) > 1  # not all at one point: the check means something
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_closed_form_hessians_equal_autograd(loss: str, bias: bool) -> None:
+    p = UFMBatch(torch.tensor([0, 1, 2, 3, 4, 0, 2]), 5, 3, loss, 5e-3, 7e-3,
+                 2e-3 if bias else 0.0, bias)
+    x = random_points(p, 4, seed=1)
+
+    def objective(row: torch.Tensor) -> torch.Tensor:
+        weight, features, b = p.split(row[None])
+        return ufm_objective(weight[0], features[0], None if b is None else b[0], p.labels,
+                             loss, p.lambda_w, p.lambda_h, p.lambda_b)
+
+    expected = torch.func.vmap(torch.func.hessian(objective))(x)
+    assert torch.allclose(hessians(p, x), expected, rtol=0, atol=1e-13)
+
+
+def test_hessian_min_eigs_past_the_probes_dense_limit_agree_with_its_lanczos() -> None:
+    p = problem(10, 10, 1, "ce")  # 210 parameters: the single-start probe runs Lanczos
+    x = random_points(p, 3, seed=5)
+    batched = hessian_min_eigs(p, x)
+    for r in range(3):
+        weight, features, b = p.split(x[r:r + 1])
+        alone = ufm_hessian_min_eig(weight[0], features[0], b[0], p.labels, "ce",
+                                    p.lambda_w, p.lambda_h, p.lambda_b)
+        assert batched[r].item() == pytest.approx(alone, abs=1e-7)
 
 
 def test_hessian_min_eigs_agree_with_the_theory_probe() -> None:

@@ -12,6 +12,10 @@ other starts stopped: no line search, step or stopping test is shared.
   skip (y.s <= 1e-10) and stopping rules, per start: a batched two-loop recursion over each
   start's own last ``history_size`` pairs, and a per-start backtracking (Armijo) line search
   in place of torch's strong-Wolfe search; up to ``max_iter`` iterations per ``step``.
+- :func:`hessians`: every start's Hessian in closed form (the per-sample CE curvature
+  diag(p) - p p^T, or I for MSE, pushed through z = W h + b); :func:`hessian_min_eigs` solves
+  them by eigvalsh up to 2,048 parameters a start, the certificate of a start left above
+  tolerance.
 
 Pure tensor code, no I/O: a notebook can call it directly.
 """
@@ -22,9 +26,10 @@ from ncsweep.landscape.problem import (
     UFMBatch,
     distinct_values,
     hessian_min_eigs,
+    hessians,
     quantiles,
 )
 from ncsweep.landscape.solvers import BatchedGD, BatchedLBFGS, Chunked, chunk_size
 
 __all__ = ["STOP_REASONS", "BatchedGD", "BatchedLBFGS", "Chunked", "UFMBatch", "chunk_size",
-           "distinct_values", "hessian_min_eigs", "quantiles"]
+           "distinct_values", "hessian_min_eigs", "hessians", "quantiles"]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 ARMIJO_C1 = 1e-4
 CHUNK_ELEMENTS = 2**20
-SERIAL_PROBES = 4
+DENSE_MAX_PARAMS = 2048
+DENSE_CHUNK_ELEMENTS = 2**25
 MAX_BACKTRACKS = 30
 CURVATURE_MIN = 1e-10
 STOP_REASONS = ("running", "converged", "small_step", "small_change", "not_descent",
@@ -95,19 +96,80 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 
-def hessian_min_eigs(problem: UFMBatch, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def hessians(problem: UFMBatch, x: torch.Tensor) -> torch.Tensor:
+    """Each start's Hessian (R, P, P) in closed form, in x's layout [W; H; b] (float64).
+
+    With z_i = W h_i + b, g_i = df/dz_i and the per-sample loss curvature S_i = diag(q_i) -
+    u_i u_i^T (CE: q = u = softmax(z_i); MSE: q = 1, u = 0), the blocks are, over 1/N:
+    WW = sum_i S_i (x) h_i h_i^T; h_i h_i = W^T S_i W (h_j, j != i: 0); W h_i = S_i W (x)
+    h_i, plus N g_i (x) I_d; bb = sum_i S_i; bW = sum_i S_i (x) h_i^T; b h_i = S_i W; plus
+    the lambdas on the diagonal.
+    """
+    x = x.double()
+    weight, features, bias = problem.split(x)
+    r, k, d = weight.shape
+    n = features.shape[1]
+    logits = torch.bmm(features, weight.transpose(1, 2))
+    if bias is not None:
+        logits = logits + bias[:, None, :]
+    target = F.one_hot(problem.labels, k).to(x.dtype)
+    if problem.loss == "ce":
+        q = torch.softmax(logits, dim=2)
+        u = q
+        g = (q - target) / n
+    else:
+        q = torch.ones_like(logits)
+        u = torch.zeros_like(logits)
+        g = (logits - target) / n
+    q, u = q / n, u / math.sqrt(n)
+    v = torch.bmm(u, weight)  # (R, N, d): W^T u_i
+    eye_d = torch.eye(d, dtype=x.dtype, device=x.device)
+    kd, nd = k * d, n * d
+    out = torch.zeros(r, problem.size, problem.size, dtype=x.dtype, device=x.device)
+    ww = out[:, :kd, :kd].view(r, k, d, k, d)
+    ww.diagonal(dim1=1, dim2=3).copy_(torch.einsum("rik,ria,rib->rabk", q, features, features))
+    a = (u[:, :, :, None] * features[:, :, None, :]).reshape(r, n, kd)
+    out[:, :kd, :kd] -= torch.bmm(a.transpose(1, 2), a)
+    hh = out[:, kd:kd + nd, kd:kd + nd].view(r, n, d, n, d)
+    hh.diagonal(dim1=1, dim2=3).copy_(
+        (torch.einsum("rkb,rik,rkc->ribc", weight, q, weight)
+         - v[..., :, None] * v[..., None, :]).permute(0, 2, 3, 1))
+    wh = (torch.einsum("ril,ria,rlb->rlaib", q, features, weight)
+          - torch.einsum("ril,ria,rib->rlaib", u, features, v)
+          + g.permute(0, 2, 1)[:, :, None, :, None] * eye_d[None, None, :, None, :])
+    _set_pair(out, slice(0, kd), slice(kd, kd + nd), wh.reshape(r, kd, nd))
+    if bias is not None:
+        b = slice(kd + nd, None)
+        out[:, b, b] = torch.diag_embed(q.sum(dim=1)) - torch.bmm(u.transpose(1, 2), u)
+        bw = -torch.einsum("rik,ril,ria->rkla", u, u, features)
+        bw.diagonal(dim1=1, dim2=2).add_(torch.einsum("rik,ria->rak", q, features))
+        bh = (q[..., None] * weight[:, None]
+              - u[..., None] * v[:, :, None, :]).permute(0, 2, 1, 3)
+        _set_pair(out, b, slice(0, kd), bw.reshape(r, k, kd))
+        _set_pair(out, b, slice(kd, kd + nd), bh.reshape(r, k, nd))
+    lambdas = [problem.lambda_w] * kd + [problem.lambda_h] * nd + [problem.lambda_b] * (
+        k if bias is not None else 0)
+    out.diagonal(dim1=1, dim2=2).add_(torch.tensor(lambdas, dtype=x.dtype, device=x.device))
+    return out
+
+
+def _set_pair(out: torch.Tensor, rows: slice, cols: slice, block: torch.Tensor) -> None:
+    """An off-diagonal block and its transpose."""
+    out[:, rows, cols] = block
+    out[:, cols, rows] = block.transpose(1, 2)
+
+
+def hessian_min_eigs(problem: UFMBatch, x: torch.Tensor) -> torch.Tensor:
     """The smallest Hessian eigenvalue of each start's objective at its row of ``x`` (R,).
 
-    Up to theory.DENSE_MAX_PARAMS parameters the Hessians of ``chunk`` starts at a time are
-    built at once (torch.func.vmap of torch.func.hessian) and solved by eigvalsh, the exact
-    rule of theory.hessian_min_eig; larger starts, and up to SERIAL_PROBES starts (where
-    loading torch.func costs more than it saves), go one by one through
-    theory.ufm_hessian_min_eig.
+    Up to DENSE_MAX_PARAMS parameters: eigvalsh of the closed-form Hessians (``hessians``),
+    exact, chunked to DENSE_CHUNK_ELEMENTS; larger starts go one by one through
+    theory.ufm_hessian_min_eig (Lanczos on Hessian-vector products).
     """
-    from ncsweep.theory import DENSE_MAX_PARAMS, ufm_hessian_min_eig, ufm_objective
+    from ncsweep.theory import ufm_hessian_min_eig
 
-    labels, lambdas = problem.labels, (problem.lambda_w, problem.lambda_h, problem.lambda_b)
-    if problem.size > DENSE_MAX_PARAMS or x.shape[0] <= SERIAL_PROBES:
+    if problem.size > DENSE_MAX_PARAMS:
+        labels, lambdas = problem.labels, (problem.lambda_w, problem.lambda_h, problem.lambda_b)
         out = []
         for row in x:
             weight, features, bias = problem.split(row[None])
@@ -115,17 +177,9 @@ def hessian_min_eigs(problem: UFMBatch, x: torch.Tensor, chunk: int = 64) -> tor
                                            None if bias is None else bias[0], labels,
                                            problem.loss, *lambdas))
         return torch.tensor(out, dtype=torch.float64)
-
-    def objective(row: torch.Tensor) -> torch.Tensor:
-        weight, features, bias = problem.split(row[None])
-        return ufm_objective(weight[0], features[0], None if bias is None else bias[0], labels,
-                             problem.loss, *lambdas)
-
-    hessians = torch.func.vmap(torch.func.hessian(objective))
-    parts = []
-    for start in range(0, x.shape[0], chunk):
-        block = hessians(x[start:start + chunk].double())
-        parts.append(torch.linalg.eigvalsh(0.5 * (block + block.transpose(1, 2)))[:, 0])
+    chunk = max(1, DENSE_CHUNK_ELEMENTS // problem.size**2)
+    parts = [torch.linalg.eigvalsh(hessians(problem, x[start:start + chunk]))[:, 0]
+             for start in range(0, x.shape[0], chunk)]
     return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
