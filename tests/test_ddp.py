@@ -117,14 +117,20 @@ def test_two_ranks_on_the_cluster_resume_a_preemption_bitwise(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_killed_rank_fails_the_run_in_one_line_naming_it(tmp_path: Path) -> None:
+def long_two_rank_run(root: Path, rank_timeout_s: int) -> tuple[subprocess.Popen, Path]:
+    """A long local 2-rank run, started and past its first eval row: (sweep process, sweep)."""
     args = [*MLP, "trainer.epochs=500", "trainer.eval_every=1", "trainer.deterministic=false",
-            *LOCAL_RANKS, "hydra.launcher.rank_timeout_s=60"]
-    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *args], cwd=tmp_path,
+            *LOCAL_RANKS, f"hydra.launcher.rank_timeout_s={rank_timeout_s}"]
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *args], cwd=root,
                             env={**os.environ, "WANDB_ERROR_REPORTING": "false"}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    sweep_dir = tmp_path / "multirun" / "ddp"
+    sweep_dir = root / "multirun" / "ddp"
     wait_for_rows(proc, sweep_dir, "*/metrics.jsonl", 1, timeout=120)
+    return proc, sweep_dir
+
+
+def test_a_killed_rank_fails_the_run_in_one_line_naming_it(tmp_path: Path) -> None:
+    proc, sweep_dir = long_two_rank_run(tmp_path, 60)
     rank1 = _rank_pid(1)
     os.kill(rank1, signal.SIGKILL)
     killed = time.monotonic()
@@ -142,13 +148,7 @@ def test_a_killed_rank_fails_the_run_in_one_line_naming_it(tmp_path: Path) -> No
 
 def test_a_hung_rank_is_reported_while_waited_for_then_fails_the_run(tmp_path: Path) -> None:
     timeout = 12
-    args = [*MLP, "trainer.epochs=500", "trainer.eval_every=1", "trainer.deterministic=false",
-            *LOCAL_RANKS, f"hydra.launcher.rank_timeout_s={timeout}"]
-    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", "-m", *args], cwd=tmp_path,
-                            env={**os.environ, "WANDB_ERROR_REPORTING": "false"}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    sweep_dir = tmp_path / "multirun" / "ddp"
-    wait_for_rows(proc, sweep_dir, "*/metrics.jsonl", 1, timeout=120)
+    proc, sweep_dir = long_two_rank_run(tmp_path, timeout)
     [run] = [RunFolder(p.parent) for p in sweep_dir.glob("*/run.json")]
     rank1 = _rank_pid(1)
     os.kill(rank1, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
