@@ -326,9 +326,10 @@ class UFMFeatures(Backbone):
         """Every start classified, each one above tolerance certified by its Hessian probe.
 
         The reference is f* where the closed form covers the run, else the best value found
-        over the starts. A start above it (gap > probe_gap_tol) is a saddle where the probe
-        finds curvature below -probe_eig_tol, else stationary where its gradient norm is
-        below probe_grad_tol (a spurious-minimum suspect against f*), else not converged.
+        over the starts. A start above it (gap > probe_gap_tol) whose gradient norm is below
+        probe_grad_tol is a critical point: a (strict) saddle where the probe finds curvature
+        below -probe_eig_tol, else stationary above (a spurious-minimum suspect against f*).
+        Any other start above tolerance has not converged, whatever its curvature.
         Start 0 is always probed (``hessian_min_eig``, as a single-start run). The per-start
         record goes to ``starts.jsonl``.
         """
@@ -346,8 +347,9 @@ class UFMFeatures(Backbone):
         min_eig = torch.full_like(value, math.nan)
         index = torch.tensor(probed, device=value.device)
         min_eig[index] = hessian_min_eigs(problem, solver.x[index]).to(min_eig)
-        saddle = ~reached & (min_eig < -eig_tol)
-        stationary = ~reached & ~saddle & (grad_norm < grad_tol)
+        critical = ~reached & (grad_norm < grad_tol)
+        saddle = critical & (min_eig < -eig_tol)
+        stationary = critical & ~saddle
         outcome = ["reached" if reached[r] else "saddle" if saddle[r] else
                    "stationary_above" if stationary[r] else "not_converged"
                    for r in range(self.starts)]

@@ -330,7 +330,7 @@ def _ufm_section(doc: Document, runs: pd.DataFrame, has_figure: bool) -> None:
     bullets.append(f"no spurious local minimum found: {'yes' if flagged == 0 else 'NO'} "
                    f"({flagged} suspect{'s' if flagged != 1 else ''}; "
                    f"{int(table['n_saddles'].sum())} start(s) above tolerance certified as "
-                   "saddles by negative curvature)")
+                   "strict saddles: a vanishing gradient and negative curvature)")
     doc.bullets(bullets)
     doc.paragraph("n counts random starts (a run of `arch.starts=R` counts R, any other UFM "
                   "run one). at optimum: starts with f - f* <= probe_gap_tol against the "
@@ -338,8 +338,9 @@ def _ufm_section(doc: Document, runs: pd.DataFrame, has_figure: bool) -> None:
                   "the best value found in their run; distinct: the most distinct final "
                   "objective values (1e-9 relative) of one run; Hessian: the smallest "
                   "eigenvalue probed at start 0 of each run; saddles / suspects: starts "
-                  "above tolerance with negative curvature / with a vanishing gradient and "
-                  "none. The per-start record of a batched run is its `starts.jsonl`.")
+                  "above tolerance with a vanishing gradient and negative curvature / and "
+                  "none (one above tolerance without a vanishing gradient has not "
+                  "converged). The per-start record of a batched run is its `starts.jsonl`.")
     shown = table.rename(columns={"num_classes": "K", "feature_dim": "d", "d_over_k": "d/K",
                                   "n_optimum": "at optimum", "n_best": "at best",
                                   "distinct_values_max": "distinct",
