@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,16 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None =
                 **(env or {})}
     return subprocess.run([sys.executable, "-m", "ncsweep", *args], cwd=cwd, text=True,
                           capture_output=True, timeout=timeout, env=full_env)
+
+
+_BESIDE = ThreadPoolExecutor(2)
+
+
+def run_cli_beside(args: list[str], cwd: Path, timeout: float = 300
+                   ) -> Future[subprocess.CompletedProcess]:
+    """``run_cli`` in a background thread: a reference run beside the run a test checks, on
+    the core that run leaves free."""
+    return _BESIDE.submit(run_cli, args, cwd, timeout)
 
 
 def sweep_job_ids(sweep: Path) -> list[str]:

@@ -19,7 +19,7 @@ from ncsweep.data import batches
 from ncsweep.ensemble import Stacked, build_members, check_supported, member_losses
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import compose_cfg, run_cli
+from tests.conftest import compose_cfg, run_cli, run_cli_beside
 
 SEEDS = "0,1,2,3"
 # 1437 samples / 144: 10 steps. SGD: Adam divides by sqrt(v), which turns float32 rounding in
@@ -174,8 +174,7 @@ LONG = ["-m", "seed=0,1", "logger=none", "trainer.progress=false", "trainer.dete
 def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
-    pool = ThreadPoolExecutor(1)  # the uninterrupted ensemble, beside the interrupted one
-    plain = pool.submit(run_cli, LONG, reference)
+    plain = run_cli_beside(LONG, reference)  # the uninterrupted ensemble
     root = tmp_path / "interrupted"
     root.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "ncsweep", *LONG], cwd=root, text=True,
@@ -196,7 +195,6 @@ def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path: P
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 done" in again.stdout and "ensemble: 2 seeds" in again.stdout
     assert plain.result().returncode == 0, plain.result().stderr[-3000:]
-    pool.shutdown()
     for seed, folder in folders(root).items():
         expected = folders(reference)[seed]
         summary = folder.read_summary()

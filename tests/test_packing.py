@@ -6,14 +6,13 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import run_cli, sacct_state, sweep_job_ids, wait_for_rows
+from tests.conftest import run_cli, run_cli_beside, sacct_state, sweep_job_ids, wait_for_rows
 
 ON_CLUSTER = ["launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=1",
               "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30",
@@ -79,8 +78,7 @@ def test_a_preempted_packed_task_resumes_only_its_unfinished_runs(local_slurm: s
                                                                   tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
-    pool = ThreadPoolExecutor(1)  # the unpacked runs, on the CPU the task leaves free
-    plain = pool.submit(run_cli, ["-m", "seed=0,1,2", *LONG], reference, timeout=400)
+    plain = run_cli_beside(["-m", "seed=0,1,2", *LONG], reference, timeout=400)
 
     root = tmp_path / "cluster"
     root.mkdir()
@@ -98,7 +96,6 @@ def test_a_preempted_packed_task_resumes_only_its_unfinished_runs(local_slurm: s
     assert proc.returncode == 0, err[-3000:]
     assert ": 3 done" in out, out
     assert plain.result().returncode == 0, plain.result().stderr[-3000:]
-    pool.shutdown()
     expected = runs(reference / "multirun" / "packed")
     history = sacct_state(job_id, "--duplicates")
     assert "REQUEUED" in history or "PREEMPTED" in history, history

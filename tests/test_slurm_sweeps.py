@@ -18,7 +18,7 @@ from ncsweep.cluster import read_partition
 from ncsweep.launcher import AUTO_DEFAULTS
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import ROOT, get_json, run_cli, sacct_state
+from tests.conftest import ROOT, get_json, run_cli, run_cli_beside, sacct_state
 from tests.test_wandb_online import folder_steps, run_id_of, same_points, server_steps
 
 pytestmark = pytest.mark.slurm
@@ -121,8 +121,7 @@ def test_preempted_job_is_requeued_resumes_to_the_same_result_and_is_one_online_
         local_slurm: str, tmp_path: Path, online: dict, wandb_server: str) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
-    pool = ThreadPoolExecutor(1)  # the uninterrupted run, on the CPU the job leaves free
-    plain = pool.submit(run_cli, ["-m", *LONG, "name=preempt"], reference, timeout=400)
+    plain = run_cli_beside(["-m", *LONG, "name=preempt"], reference, timeout=400)
 
     root = tmp_path / "cluster"
     root.mkdir()
@@ -137,7 +136,6 @@ def test_preempted_job_is_requeued_resumes_to_the_same_result_and_is_one_online_
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     assert plain.result().returncode == 0, plain.result().stderr[-3000:]
-    pool.shutdown()
     [expected] = [RunFolder(p.parent) for p in reference.glob("multirun/preempt/*/DONE")]
     [folder] = [RunFolder(p.parent) for p in root.glob("multirun/preempt/*/summary.json")]
     summary = folder.read_summary()

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 ARMIJO_C1 = 1e-4
 CHUNK_ELEMENTS = 2**20
-DENSE_MAX_PARAMS = 2048
-DENSE_CHUNK_ELEMENTS = 2**25
+CLOSED_FORM_MAX_PARAMS = 2048
+HESSIAN_CHUNK_ELEMENTS = 2**25
 MAX_BACKTRACKS = 30
 CURVATURE_MIN = 1e-10
 STOP_REASONS = ("running", "converged", "small_step", "small_change", "not_descent",
@@ -59,25 +59,30 @@ class UFMBatch:
             parts.append(bias.reshape(bias.shape[0], -1))
         return torch.cat(parts, dim=1)
 
-    def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-start objectives f (R,) and their gradients (R, P), in closed form."""
-        weight, features, bias = self.split(x)
+    def logits_and_loss(self, weight: torch.Tensor, features: torch.Tensor,
+                        bias: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-start mean loss (R,), its gradient in the logits (R, N, K) and, for CE, the
+        softmax (R, N, K) behind it (None for MSE)."""
         n = features.shape[1]
         logits = torch.bmm(features, weight.transpose(1, 2))
         if bias is not None:
             logits = logits + bias[:, None, :]
-        target = F.one_hot(self.labels, self.num_classes).to(x.dtype)
+        target = F.one_hot(self.labels, self.num_classes).to(logits.dtype)
         if self.loss == "ce":
             lse = torch.logsumexp(logits, dim=2)
-            picked = logits.gather(2, self.labels.expand(x.shape[0], -1)[..., None])[..., 0]
-            value = (lse - picked).mean(dim=1)
-            dlogits = (torch.exp(logits - lse[..., None]) - target) / n
-        elif self.loss == "mse":
+            picked = logits.gather(2, self.labels.expand(logits.shape[0], -1)[..., None])[..., 0]
+            probs = torch.exp(logits - lse[..., None])
+            return (lse - picked).mean(dim=1), (probs - target) / n, probs
+        if self.loss == "mse":
             residual = logits - target
-            value = 0.5 * residual.pow(2).sum(dim=(1, 2)) / n
-            dlogits = residual / n
-        else:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of ['ce', 'mse']")
+            return 0.5 * residual.pow(2).sum(dim=(1, 2)) / n, residual / n, None
+        raise ValueError(f"unknown loss {self.loss!r}; expected one of ['ce', 'mse']")
+
+    def value_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-start objectives f (R,) and their gradients (R, P), in closed form."""
+        weight, features, bias = self.split(x)
+        value, dlogits, _ = self.logits_and_loss(weight, features, bias)
         value = (value + 0.5 * self.lambda_w * weight.pow(2).sum(dim=(1, 2))
                  + 0.5 * self.lambda_h * features.pow(2).sum(dim=(1, 2)))
         grad_w = torch.bmm(dlogits.transpose(1, 2), features) + self.lambda_w * weight
@@ -94,8 +99,6 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1)
 
 
-
-
 def hessians(problem: UFMBatch, x: torch.Tensor) -> torch.Tensor:
     """Each start's Hessian (R, P, P) in closed form, in x's layout [W; H; b] (float64).
 
@@ -109,18 +112,9 @@ def hessians(problem: UFMBatch, x: torch.Tensor) -> torch.Tensor:
     weight, features, bias = problem.split(x)
     r, k, d = weight.shape
     n = features.shape[1]
-    logits = torch.bmm(features, weight.transpose(1, 2))
-    if bias is not None:
-        logits = logits + bias[:, None, :]
-    target = F.one_hot(problem.labels, k).to(x.dtype)
-    if problem.loss == "ce":
-        q = torch.softmax(logits, dim=2)
-        u = q
-        g = (q - target) / n
-    else:
-        q = torch.ones_like(logits)
-        u = torch.zeros_like(logits)
-        g = (logits - target) / n
+    _, g, probs = problem.logits_and_loss(weight, features, bias)
+    q = torch.ones_like(g) if probs is None else probs
+    u = torch.zeros_like(g) if probs is None else probs
     q, u = q / n, u / math.sqrt(n)
     v = torch.bmm(u, weight)  # (R, N, d): W^T u_i
     eye_d = torch.eye(d, dtype=x.dtype, device=x.device)
@@ -162,13 +156,13 @@ def _set_pair(out: torch.Tensor, rows: slice, cols: slice, block: torch.Tensor) 
 def hessian_min_eigs(problem: UFMBatch, x: torch.Tensor) -> torch.Tensor:
     """The smallest Hessian eigenvalue of each start's objective at its row of ``x`` (R,).
 
-    Up to DENSE_MAX_PARAMS parameters: eigvalsh of the closed-form Hessians (``hessians``),
-    exact, chunked to DENSE_CHUNK_ELEMENTS; larger starts go one by one through
+    Up to CLOSED_FORM_MAX_PARAMS parameters: eigvalsh of the closed-form Hessians (``hessians``),
+    exact, chunked to HESSIAN_CHUNK_ELEMENTS; larger starts go one by one through
     theory.ufm_hessian_min_eig (Lanczos on Hessian-vector products).
     """
     from ncsweep.theory import ufm_hessian_min_eig
 
-    if problem.size > DENSE_MAX_PARAMS:
+    if problem.size > CLOSED_FORM_MAX_PARAMS:
         labels, lambdas = problem.labels, (problem.lambda_w, problem.lambda_h, problem.lambda_b)
         out = []
         for row in x:
@@ -177,7 +171,7 @@ def hessian_min_eigs(problem: UFMBatch, x: torch.Tensor) -> torch.Tensor:
                                            None if bias is None else bias[0], labels,
                                            problem.loss, *lambdas))
         return torch.tensor(out, dtype=torch.float64)
-    chunk = max(1, DENSE_CHUNK_ELEMENTS // problem.size**2)
+    chunk = max(1, HESSIAN_CHUNK_ELEMENTS // problem.size**2)
     parts = [torch.linalg.eigvalsh(hessians(problem, x[start:start + chunk]))[:, 0]
              for start in range(0, x.shape[0], chunk)]
     return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
