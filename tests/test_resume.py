@@ -130,3 +130,27 @@ def test_a_corrupt_checkpoint_fails_clearly_and_a_rerun_fixes_only_that_job(
     assert "1 done, 1 skipped" in second.stdout
     assert (good / "summary.json").stat().st_mtime_ns == good_mtime
     assert bad.status == "done" and bad.read_summary()["status"] == "done"
+
+
+def test_a_requeue_that_dies_still_ends_the_task(caplog: pytest.LogCaptureFixture) -> None:
+    """The launcher's requeue command killed by the job step's end (as SLURM does when it
+    requeues): the task still exits, so a packed task never starts its next run."""
+    from ncsweep.stopping import StopFlag
+
+    def requeue(signum: int, frame: object) -> None:
+        subprocess.check_call([sys.executable, "-c",
+                               "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        stop = StopFlag()
+        stop.install()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop()
+        with pytest.raises(SystemExit) as exit_info:
+            stop.hand_over()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert exit_info.value.code == 128 + signal.SIGUSR2
+    [warning] = [r.getMessage() for r in caplog.records if "requeue" in r.getMessage()]
+    assert "CalledProcessError" in warning and "re-run the same command" in warning

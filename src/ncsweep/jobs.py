@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -24,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from ncsweep import distributed
 from ncsweep.config import ConfigError, run_key, validate
 from ncsweep.console import setup_logging
+from ncsweep.stopping import StopFlag
 from ncsweep.tracking import CheckpointError, NoMirror, RunFolder, write_atomic
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 IDENTITY_GROUPS = ("dataset", "arch", "head", "loss", "optim", "schedule", "launcher",
                    "experiment")
 USER_ERRORS = (ConfigError, CheckpointError)
@@ -54,37 +53,6 @@ class JobContext:
         digest = hashlib.sha1(f"{self.name}/{self.key}".encode()).hexdigest()[:10]
         slug = _WANDB_UNSAFE.sub("-", f"{self.name}-{self.key}").strip("-")[:50]
         return f"{slug}-{digest}"
-
-
-class StopFlag:
-    """Turns SIGUSR2/SIGTERM into a flag the training loop polls between steps."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def install(self) -> None:
-        for signum in STOP_SIGNALS:
-            self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def hand_over(self) -> None:
-        """After the checkpoint: let the launcher's own handler requeue, or exit as signalled."""
-        signum = self.signum
-        handler = self.previous.get(signum) if signum is not None else None
-        self.restore()
-        if callable(handler):
-            handler(signum, None)
-        raise SystemExit(128 + (signum or 0))
 
 
 def admit(cfg: DictConfig) -> tuple[JobContext, dict, dict] | dict:

@@ -117,7 +117,8 @@ def _solo(member: Member) -> dict:
 
 def _train(members: list[Member]) -> list[dict]:
     """Build every member as its solo run, train them stacked, finish each folder."""
-    from ncsweep.jobs import USER_ERRORS, StopFlag, _fail, _root_cause
+    from ncsweep.jobs import USER_ERRORS, _fail, _root_cause
+    from ncsweep.stopping import StopFlag
     from ncsweep.training import StopRequested
 
     started = time.perf_counter()

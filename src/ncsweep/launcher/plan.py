@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ JOBS_FILE = ".ncsweep-jobs.jsonl"
 WATCH_KEYS = ("detach", "leave_running_on_interrupt", "poll_s", "log_every_s")
 PACKING_KEYS = ("runs_per_task", "runs_in_parallel")
 RANK_KEYS = ("rank_timeout_s",)
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 AUTO_DEFAULTS = {"cpus_per_task": 4, "gpus_per_node": 1, "mem_gb": 32}
 REASONS = {
     "PartitionConfig": "the request exceeds what partition {p} allows",

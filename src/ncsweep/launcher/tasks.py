@@ -18,7 +18,8 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsweep import distributed
-from ncsweep.launcher.plan import STOP_SIGNALS, Job, Unit, job_folders, plan_units
+from ncsweep.launcher.plan import Job, Unit, job_folders, plan_units
+from ncsweep.stopping import STOP_SIGNALS, hand_on
 from ncsweep.tracking import RunFolder
 
 log = logging.getLogger(__name__)
@@ -163,10 +164,7 @@ def _run_lanes(plugin: Any, shares: list[list[Unit]], job_dir_key: str, launched
             signal.signal(signum, handler)
     if received:
         shutil.rmtree(scratch, ignore_errors=True)
-        handler = previous.get(received[0])
-        if callable(handler):
-            handler(received[0], None)
-        raise SystemExit(128 + received[0])
+        hand_on(received[0], previous.get(received[0]))
     returns: dict[int, JobReturn] = {}
     for index, (share, child) in enumerate(zip(shares, children, strict=True)):
         path = scratch / f"{index}.pkl"
