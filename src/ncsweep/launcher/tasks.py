@@ -18,6 +18,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsweep import distributed
+from ncsweep.launcher.compose import composer
 from ncsweep.launcher.plan import Job, Unit, job_folders, plan_units
 from ncsweep.stopping import STOP_SIGNALS, hand_on
 from ncsweep.tracking import RunFolder
@@ -65,12 +66,13 @@ def run_unit(hydra_context: Any, task_function: Callable, config: DictConfig, un
     todo = [run for run in unit if kept[run.num] is None]
     ensemble = len(todo) > 1
     returns: dict[int, JobReturn] = {}
+    compose = composer(hydra_context.config_loader, config)
     if ensemble:
         from ncsweep.ensemble import prepare
 
         task_function = prepare
     for run in todo:
-        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(run.overrides))
+        sweep_config = compose.load(run.overrides)
         with open_dict(sweep_config.hydra):
             sweep_config.hydra.job.id = run.num if job_id is None else job_id
             sweep_config.hydra.job.num = run.num
