@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ncsweep.config import ConfigError, check_overrides, group_options
-from ncsweep.data import DatasetNotFound
+from ncsweep.data import DatasetNotFound, batches, load_digits, member_batches
 from ncsweep.data.files import LAYOUTS, read_small
 from ncsweep.data.tabular import digits_arrays, stratified_split
 from tests.conftest import CONF, compose_cfg, run_cli
@@ -146,6 +146,24 @@ def test_digits_and_their_split_are_scikit_learns(fraction: float, seed: int) ->
                                 random_state=seed, stratify=labels)
     assert all(np.array_equal(a, b) for a, b in
                zip(stratified_split(labels, fraction, seed), expected, strict=True))
+
+
+@pytest.mark.parametrize("batch_size", [256, 1000, None])
+def test_member_batches_are_each_members_own_batches_stacked(batch_size: int | None) -> None:
+    """The ensemble's one gather equals every member's solo batches, epoch after epoch."""
+    split = load_digits().train
+    solo = [torch.Generator().manual_seed(s) for s in (0, 1, 5)]
+    stacked = [torch.Generator().manual_seed(s) for s in (0, 1, 5)]
+    for _ in range(2):
+        streams = [list(batches(split, batch_size, g, augment=True)) for g in solo]
+        together = list(member_batches(split, batch_size, stacked, augment=True))
+        assert len(together) == len(streams[0]) == -(-len(split) // (batch_size or len(split)))
+        for index, (x, y) in enumerate(together):
+            assert x.shape == (3, *streams[0][index][0].shape)
+            for r, stream in enumerate(streams):
+                assert torch.equal(x[r], stream[index][0]) and torch.equal(y[r], stream[index][1])
+    assert all(torch.equal(a.get_state(), b.get_state())
+               for a, b in zip(solo, stacked, strict=True))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 0.001, 1.5])

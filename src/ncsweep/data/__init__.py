@@ -1,6 +1,7 @@
 """Data sets as in-memory tensors, and the batching that feeds them to a model on any device.
 
-- ``containers``: :class:`Split`, :class:`DataBundle` and :func:`batches`;
+- ``containers``: :class:`Split`, :class:`DataBundle`, :func:`batches` and, for an ensemble,
+  :func:`member_batches`;
 - ``tabular``: scikit-learn's digits, a Gaussian mixture, the UFM's sample indices (one count
   per class, or one for all);
 - ``images`` and ``files``: torchvision's image sets read offline, ImageFolder trees;
@@ -11,7 +12,7 @@ Every builder returns a :class:`DataBundle`; its ``num_classes`` and ``input_sha
 against what the config declared, so a dry run can size a model without the data.
 """
 
-from ncsweep.data.containers import DataBundle, Split, batches
+from ncsweep.data.containers import DataBundle, Split, batches, member_batches
 from ncsweep.data.files import DatasetNotFound
 from ncsweep.data.images import FORMATS, FileSource, ImageView, load_images
 from ncsweep.data.tabular import load_digits, make_synthetic, make_ufm
@@ -33,6 +34,6 @@ __all__ = [
     "FORMATS", "IMBALANCE_PROFILES", "NOISE_KINDS", "DataBundle", "DatasetNotFound",
     "FileSource", "ImageView", "Split", "Variants", "add_label_noise", "batches",
     "imbalance_counts", "load_digits", "load_images", "make_imbalanced", "make_synthetic",
-    "make_ufm", "minority_classes", "noise_rate", "randomise_labels", "select_classes",
-    "subsample_per_class",
+    "make_ufm", "member_batches", "minority_classes", "noise_rate", "randomise_labels",
+    "select_classes", "subsample_per_class",
 ]

@@ -144,3 +144,22 @@ def batches(split: Split, batch_size: int | None, generator: torch.Generator | N
         if view is not None:
             x = view(x, generator if augment else None, (share, count))
         yield x, y
+
+
+def member_batches(split: Split, batch_size: int | None, generators: Sequence[torch.Generator],
+                   augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches each generator's :func:`batches` gives, stacked member-first: (R, B, ...)
+    inputs and (R, B) labels. An in-memory split without a view is gathered in one index
+    operation from the members' permutations, drawn as :func:`batches` draws them."""
+    n = len(split)
+    size = n if not batch_size else min(batch_size, n)
+    if split.source is not None or split.view is not None or size == n:
+        streams = [batches(split, batch_size, g, augment=augment) for g in generators]
+        for pairs in zip(*streams, strict=True):
+            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return
+    device = split.labels.device
+    order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+    for start in range(0, n, size):
+        rows = order[:, start:start + size]
+        yield split.inputs[rows], split.labels[rows]

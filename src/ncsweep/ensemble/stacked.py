@@ -237,7 +237,7 @@ class EnsembleFit:
 
     def fit(self, stop_requested: Callable[[], bool]) -> list[Any]:
         """Train every member from scratch or from its checkpoint; one FitResult each."""
-        from ncsweep.data import batches
+        from ncsweep.data import member_batches
         from ncsweep.memory import StepMeter, TrainMemory, read_peak, reset_peak
         from ncsweep.training import FitResult, StopRequested
 
@@ -265,16 +265,13 @@ class EnsembleFit:
             rngs = [g.get_state() for g in generators]
             loss_sum = torch.zeros(count_r, device=trainer.device)
             count = 0
-            streams = [batches(data.train, trainer.batch_size, g, augment=True)
-                       for g in generators]
-            for index, pairs in enumerate(zip(*streams, strict=True)):
+            stream = member_batches(data.train, trainer.batch_size, generators, augment=True)
+            for index, (x, y) in enumerate(stream):
                 if index < skip:
                     continue
                 if stop_requested():
                     self._checkpoint(rngs, epoch - 1, step, index, train_time)
                     raise StopRequested(f"stopped in epoch {epoch} after {index} batches")
-                x = torch.stack([p[0] for p in pairs])
-                y = torch.stack([p[1] for p in pairs])
                 meter = StepMeter(self.stacked) if train_memory is None else None
                 loss_sum += self._step(x, y, meter)
                 if meter is not None:
