@@ -109,13 +109,15 @@ def test_the_same_sweep_without_ensemble_skips_the_members(solo_and_ensemble) ->
     assert "4 skipped" in again.stdout
 
 
-def test_the_batched_mlp_is_the_solo_mlp_to_float64_precision() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: the batched kernels on a GPU"))])
+def test_the_batched_mlp_is_the_solo_mlp_to_float64_precision(device: str) -> None:
     runs = []
     for seed in (0, 1):
         cfg = compose_cfg(["logger=none", f"seed={seed}", "arch.width=32"])
         run = build_run(cfg, validate(cfg))
         runs.append(run)
-        run.model.double().train()
+        run.model.double().to(device).train()
     stacked = Stacked([r.model for r in runs])
     stacked.train()
     batched = torch.optim.Adam(stacked.trainable, lr=3e-3, weight_decay=5e-4)
@@ -123,17 +125,19 @@ def test_the_batched_mlp_is_the_solo_mlp_to_float64_precision() -> None:
                               weight_decay=5e-4) for r in runs]
     streams = [batches(runs[0].data.train, 144, torch.Generator().manual_seed(s)) for s in (0, 1)]
     for pairs in zip(*streams, strict=True):
-        x = torch.stack([p[0] for p in pairs]).double()
+        pairs = [(xr.double().to(device), yr.to(device)) for xr, yr in pairs]
+        x = torch.stack([p[0] for p in pairs])
         y = torch.stack([p[1] for p in pairs])
         batched.zero_grad()
         member_losses("ce", stacked(x), y).sum().backward()
         batched.step()
         for run, (xr, yr), optimizer in zip(runs, pairs, solos, strict=True):
             optimizer.zero_grad()
-            run.loss(run.model(xr.double()), yr).backward()
+            run.loss(run.model(xr), yr).backward()
             optimizer.step()
     for r, run in enumerate(runs):
         for name, t in (*run.model.named_parameters(), *run.model.named_buffers()):
+            assert stacked.tensors[name].device.type == device
             if t.is_floating_point():
                 assert relative(stacked.tensors[name][r], t) < 1e-11, name
 
