@@ -29,11 +29,17 @@ same 32 runs solo, each sweep one ``python -m ncsweep -m`` process on the basic 
 (``--device``, default cpu), for the default MLP and a small one; also the largest difference
 of the final metrics between a member and its solo run. Target >= 5x.
 
+``--compose``: the configs of a sweep's jobs (the design-card grid x seeds), composed by
+Hydra (``load_sweep_config``, on ``--sample`` jobs) against ncsweep's composer, whose check (the
+sweeper's, before anything is submitted) and load (the launcher's, in the task) derive
+value-only siblings; then the check of a 10,000-job sweep.
+
 Torch runs on ``--threads`` threads (default 1) in the ``--ufm`` section; the CLI sections
 run with the CLI's defaults. Always exits 0.
 
 Run: .venv/bin/python benchmarks/throughput.py --ufm [--sample 50] [--jobs 20] [--threads 1]
      .venv/bin/python benchmarks/throughput.py --packing --ensemble [--device cpu]
+     .venv/bin/python benchmarks/throughput.py --compose [--sample 50]
 """
 
 from __future__ import annotations
@@ -211,6 +217,47 @@ def ensemble_section(device: str) -> None:
           f"{', '.join(f'{r:.1f}x' for r in ratios)} (target >= {ENSEMBLE_TARGET:g}x)")
 
 
+def compose_section(sample: int) -> None:
+    """Hydra's composition of each job against the composer's check and load."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.utils import JobRuntime
+    from hydra.types import RunMode
+
+    from ncsweep.launcher.compose import SweepComposer
+
+    JobRuntime.instance().set("name", "app")
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+    master = loader.load_configuration("config", overrides=[], run_mode=RunMode.MULTIRUN)
+
+    def jobs(count: int) -> list[list[str]]:
+        return [[f"head={h}", f"dim={d}", f"seed={s}"] for s in range(count // 4)
+                for h in ("etf", "learned") for d in ("K", "512")]
+
+    print(f"job configs of the design-card grid x seeds (conf/, {sample} jobs)")
+    started = time.perf_counter()
+    for job in jobs(sample):
+        loader.load_sweep_config(master, job)
+    hydra_s = (time.perf_counter() - started) / sample
+    timings = {}
+    for what in ("check", "load"):
+        composer = SweepComposer(loader, master)
+        started = time.perf_counter()
+        for job in jobs(sample):
+            getattr(composer, what)(job)
+        timings[what] = (time.perf_counter() - started) / sample
+    print(f"  Hydra: {1e3 * hydra_s:.1f} ms a job; the composer's check "
+          f"{1e3 * timings['check']:.2f} ms ({hydra_s / timings['check']:.0f}x), load "
+          f"{1e3 * timings['load']:.1f} ms ({hydra_s / timings['load']:.0f}x)", flush=True)
+    composer = SweepComposer(loader, master)
+    started = time.perf_counter()
+    for job in jobs(10_000):
+        composer.check(job)
+    ten = time.perf_counter() - started
+    print(f"  10,000 jobs checked before launching: {ten:.1f} s (Hydra's check: "
+          f"{10_000 * hydra_s / 60:.0f} min at its measured rate)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ufm", action="store_true", help="the UFM landscape section")
@@ -224,10 +271,13 @@ def main() -> None:
     parser.add_argument("--ensemble", action="store_true",
                         help="32 seeds as one batched model against 32 solo runs")
     parser.add_argument("--device", default="cpu", help="trainer.device (--ensemble)")
+    parser.add_argument("--compose", action="store_true",
+                        help="job configs composed by Hydra against the composer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")
-    selected = {"ufm": args.ufm, "packing": args.packing, "ensemble": args.ensemble}
+    selected = {"ufm": args.ufm, "packing": args.packing, "ensemble": args.ensemble,
+                "compose": args.compose}
     everything = not any(selected.values())
     if everything or args.ufm:
         ufm_section(args.sample, args.jobs)
@@ -235,6 +285,8 @@ def main() -> None:
         packing_section()
     if everything or args.ensemble:
         ensemble_section(args.device)
+    if everything or args.compose:
+        compose_section(args.sample)
 
 
 if __name__ == "__main__":
