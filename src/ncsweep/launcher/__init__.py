@@ -3,7 +3,8 @@
 Used by the ``ncsweep_basic`` / ``ncsweep_local`` / ``ncsweep_slurm`` Hydra launchers.
 Whatever happens to a job (done, failed, cancelled, killed), the sweep ends in ncsweep's
 summary line, never a traceback; submission problems are one line and exit 2 with nothing
-submitted. ``plan`` groups and packs the runs, ``submit`` checks and submits them, ``watch``
+submitted. ``compose`` gives each job its config (value-only siblings derived, not composed
+again), ``plan`` groups and packs the runs, ``submit`` checks and submits them, ``watch``
 follows them to the end, ``tasks`` runs them inside a task.
 """
 
