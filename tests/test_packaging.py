@@ -19,6 +19,8 @@ def test_wheel_ships_conf_and_the_app_runs_from_it(tmp_path: Path) -> None:
     [wheel] = (tmp_path / "dist").glob("ncsweep-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ncsweep/conf/config.yaml" in names and "ncsweep/conf/head/etf.yaml" in names
+    assert {"hydra_plugins/ncsweep_launcher/ncsweep_launcher.py",
+            "hydra_plugins/ncsweep_sweeper/ncsweep_sweeper.py"} <= set(names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
