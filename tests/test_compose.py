@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobRuntime
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import II, OmegaConf
 
 from ncsweep.launcher.compose import SweepComposer
 from tests.conftest import CONF, FAST
@@ -47,6 +47,8 @@ def same(a: object, b: object) -> None:
     assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
     for path in ("", "hydra", "trainer", "hydra.job"):
         node_a, node_b = (OmegaConf.select(c, path) if path else c for c in (a, b))
+        if node_a is None and node_b is None:
+            continue
         assert OmegaConf.is_struct(node_a) == OmegaConf.is_struct(node_b), path
         assert OmegaConf.is_readonly(node_a) == OmegaConf.is_readonly(node_b), path
 
@@ -81,7 +83,9 @@ def test_every_job_config_equals_hydras_own_composition(cli: list[str]) -> None:
         before = loader.composed
         same(ours, loader.load_sweep_config(master, list(job)))
         loader.composed = before
-    assert checked == 10 and loader.composed == 10  # one per choice of groups and keys
+    # 8 siblings composed, one per choice of groups and keys; the 4 jobs with a "+" or "~" on a
+    # key are composed each time (Hydra checks those against values)
+    assert checked == 12 and loader.composed == 16
 
 
 def test_a_derived_job_is_a_copy_its_launcher_may_change() -> None:
@@ -103,7 +107,44 @@ class Typed:
     lr: float = 0.1
 
 
+@dataclass
+class Optim:
+    lr: float = 0.1
+
+
+@dataclass
+class Aliased:
+    """Two keys that name one node: the order of their overrides decides its value."""
+
+    optim: Optim = field(default_factory=Optim)
+    head_optim: Optim = II("optim")  # noqa: RUF009 - OmegaConf's interpolation default
+
+
 ConfigStore.instance().store(name="typed_for_test", node=Typed)
+ConfigStore.instance().store(name="aliased_for_test", node=Aliased)
+
+
+def test_keys_that_name_one_node_are_composed_by_hydra() -> None:
+    loader, master = loader_and_master([], "aliased_for_test")
+    composer = SweepComposer(loader, master)
+    for job in (["optim.lr=0.5", "head_optim.lr=0.01"], ["optim.lr=0.2", "head_optim.lr=0.01"]):
+        same(composer.load(job), loader.load_sweep_config(master, job))
+    assert composer.load(["optim.lr=0.2", "head_optim.lr=0.01"]).optim.lr == 0.01
+
+
+def test_the_copied_environment_and_directory_are_the_jobs_own(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NCSWEEP_TEST_COPY", "first")
+    loader, master = loader_and_master(["hydra.job.env_copy=[NCSWEEP_TEST_COPY]"])
+    composer = SweepComposer(loader, master)
+    composer.check(["seed=0"])
+    monkeypatch.setenv("NCSWEEP_TEST_COPY", "second")
+    monkeypatch.chdir(tmp_path)
+    ours = composer.load(["seed=1"])
+    assert loader.composed == 1  # derived
+    same(ours, loader.load_sweep_config(master, ["seed=1"]))
+    assert ours.hydra.job.env_set.NCSWEEP_TEST_COPY == "second"
+    assert ours.hydra.runtime.cwd == str(tmp_path)
 
 
 @pytest.mark.parametrize(("primary", "sibling", "bad", "named"), [
@@ -112,6 +153,11 @@ ConfigStore.instance().store(name="typed_for_test", node=Typed)
     ("config", ["head=etf", "seed=0"], ["head=nope", "seed=0"], "nope"),
     ("config", ["seed=0"], ["seed=0,1"], "seed=0,1"),
     ("typed_for_test", ["seed=0", "lr=0.5"], ["seed=abc", "lr=0.5"], "seed=abc"),  # derived
+    ("config", ["head=etf", "seed=0", "~head.seed=0"], ["head=etf", "seed=1", "~head.seed=0"],
+     "head.seed"),  # "~" checks the value that seed=1 sets
+    ("config", ["dim=K", "~feature_dim"], ["dim=bogus", "~feature_dim"], "~feature_dim"),
+    ("config", ["head=etf", "seed=null", "+head.seed=3"], ["head=etf", "seed=1", "+head.seed=3"],
+     "head.seed"),  # "+" needs the key unset, which seed=1 sets
 ])
 def test_a_job_that_cannot_compose_raises_hydras_error(primary: str, sibling: list[str],
                                                        bad: list[str], named: str) -> None:

@@ -5,14 +5,18 @@ project's config tree: most of what a sweep of short runs costs, and 30 min for 
 Jobs whose overrides differ from an already composed job's only in plain value overrides
 (``seed=3``, ``optim.lr=0.01``: a key that is no config group, no ``+``/``++``/``~``/``@``, not
 under ``hydra``, a single non-container value) get a copy of that job's config with those values
-set by Hydra's own call (``OmegaConf.update(..., merge=True)``), and Hydra's own
-``hydra.overrides.task`` and ``hydra.job.override_dirname`` for them. Everything else, and any
-job whose update fails (Hydra then raises its own error), is composed by Hydra.
+set by Hydra's own call (``OmegaConf.update(..., merge=True)``), and the per-job fields Hydra
+writes (``hydra.overrides.task``, ``hydra.job.override_dirname``, ``env_set`` from
+``env_copy``, ``runtime.cwd``) written as Hydra writes them. Hydra composes everything else: a
+job with a ``+`` or ``~`` on a key (Hydra checks those against values), a key reached through
+an interpolated node (two keys may name one node), a search path change, and any job whose
+values or fields do not set (Hydra then raises its own error).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,7 +26,7 @@ from typing import Any
 from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType, ValueType
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 KEEP = 32  # composed templates kept per sweep (one per distinct choice of config groups)
 
@@ -51,8 +55,8 @@ class SweepComposer:
         parsed, shape, template = self._find(sweep_overrides)
         if template is not None:
             config = copy.deepcopy(template.config)
-            if self._set_values(config, template, parsed):
-                return self._finish(config, parsed)
+            if self._set_values(config, template, parsed) and self._finish(config, parsed):
+                return config
         return self._compose(sweep_overrides, parsed, shape)
 
     def check(self, sweep_overrides: Sequence[str]) -> None:
@@ -62,7 +66,8 @@ class SweepComposer:
         if template is not None:
             if template.scratch is None:
                 template.scratch = copy.deepcopy(template.config)
-            if self._set_values(template.scratch, template, parsed):
+            if (self._set_values(template.scratch, template, parsed)
+                    and self._finish(template.scratch, parsed, write=False)):
                 return
             template.scratch = None
         self._compose(sweep_overrides, parsed, shape)
@@ -79,7 +84,7 @@ class SweepComposer:
     def _compose(self, sweep_overrides: Sequence[str], parsed: list[Override],
                  shape: tuple | None) -> DictConfig:
         config = self.loader.load_sweep_config(self.master, list(sweep_overrides))
-        if shape is not None:
+        if shape is not None and not self._aliased(config, parsed):
             self._templates[shape] = _Template(parsed, copy.deepcopy(config))
             while len(self._templates) > KEEP:
                 self._templates.popitem(last=False)
@@ -87,10 +92,14 @@ class SweepComposer:
 
     def _shape(self, parsed: list[Override]) -> tuple | None:
         """What a sibling must share: every line but the values of plain value overrides; None
-        when the job cannot be derived (search path changes, keys that overlap)."""
+        when the job cannot be derived: a search path change, keys that overlap, or a ``+`` or
+        ``~`` on a key (Hydra checks those against values the plain overrides may change)."""
         if any(o.key_or_group == "hydra.searchpath" for o in parsed):
             return None
-        values = [o.key_or_group for o in parsed if not self._group(o)]
+        settings = [o for o in parsed if not self._group(o)]
+        if any(o.type in (OverrideType.ADD, OverrideType.DEL) for o in settings):
+            return None
+        values = [o.key_or_group for o in settings]
         shape = []
         for override in parsed:
             if self._plain_value(override):
@@ -102,6 +111,24 @@ class SweepComposer:
             else:
                 shape.append(("line", override.input_line))
         return tuple(shape)
+
+    def _aliased(self, config: DictConfig, parsed: list[Override]) -> bool:
+        """Whether a key set by the job passes through an interpolated node: two keys may then
+        name one node, and the order Hydra sets them in decides its value."""
+        for override in parsed:
+            if self._group(override):
+                continue
+            node: Any = config
+            for part in override.key_or_group.split(".")[:-1]:
+                try:
+                    if OmegaConf.is_interpolation(node, part):
+                        return True
+                    node = node[part]
+                except Exception:  # a path that Hydra alone can judge
+                    return True
+                if not OmegaConf.is_config(node):
+                    break
+        return False
 
     def _group(self, override: Override) -> bool:
         """Whether Hydra takes the override as a config group choice (its defaults list)."""
@@ -139,15 +166,29 @@ class SweepComposer:
             return False
         return True
 
-    def _finish(self, config: DictConfig, parsed: list[Override]) -> DictConfig:
-        naming = config.hydra.job.config.override_dirname
-        task = [o for o in parsed if not o.is_hydra_override()]
-        config.hydra.overrides.task = [o.input_line for o in task]
-        config.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=task, kv_sep=naming.kv_sep, item_sep=naming.item_sep,
-            exclude_keys=naming.exclude_keys)
+    def _finish(self, config: DictConfig, parsed: list[Override], write: bool = True) -> bool:
+        """The fields Hydra writes per job: its overrides, run name, copied environment and
+        working directory (only read where not ``write``, for a check); False where they do
+        not resolve (Hydra must compose the job)."""
+        try:
+            naming = config.hydra.job.config.override_dirname
+            task = [o for o in parsed if not o.is_hydra_override()]
+            environment = {key: os.environ[key] for key in config.hydra.job.env_copy}
+            dirname = get_overrides_dirname(overrides=task, kv_sep=naming.kv_sep,
+                                            item_sep=naming.item_sep,
+                                            exclude_keys=naming.exclude_keys)
+            if not write:
+                return True
+            config.hydra.overrides.task = [o.input_line for o in task]
+            with open_dict(config.hydra):
+                for key, value in environment.items():
+                    config.hydra.job.env_set[key] = value
+            config.hydra.runtime.cwd = os.getcwd()
+            config.hydra.job.override_dirname = dirname
+        except Exception:
+            return False
         OmegaConf.copy_cache(from_config=self.master, to_config=config)
-        return config
+        return True
 
 
 _COMPOSERS: weakref.WeakKeyDictionary[Any, SweepComposer] = weakref.WeakKeyDictionary()
