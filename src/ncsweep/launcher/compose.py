@@ -167,9 +167,9 @@ class SweepComposer:
         return True
 
     def _finish(self, config: DictConfig, parsed: list[Override], write: bool = True) -> bool:
-        """The fields Hydra writes per job: its overrides, run name, copied environment and
-        working directory (only read where not ``write``, for a check); False where they do
-        not resolve (Hydra must compose the job)."""
+        """The fields Hydra writes per job: its task overrides, ``override_dirname`` (the run
+        folder's name), copied environment and working directory (only read where not
+        ``write``, for a check); False where they do not resolve (Hydra must compose it)."""
         try:
             naming = config.hydra.job.config.override_dirname
             task = [o for o in parsed if not o.is_hydra_override()]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -43,17 +44,16 @@ def job_folders(config: DictConfig, job_overrides: Sequence[Sequence[str]],
     """Each job's run folder, resolved as Hydra will resolve it in the job."""
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     naming = config.hydra.job.config.override_dirname
-    exclude = set(naming.exclude_keys)
     parser = OverridesParser.create()
     scratch = copy.deepcopy(config)
     folders = []
     with open_dict(scratch):
         for idx, overrides in enumerate(job_overrides):
-            parsed = [o for o in parser.parse_overrides(list(overrides))
-                      if not o.key_or_group.startswith("hydra.")
-                      and o.key_or_group not in exclude]
-            line = naming.item_sep.join(sorted(str(o.input_line) for o in parsed))
-            scratch.hydra.job.override_dirname = line.replace("=", naming.kv_sep)
+            task = [o for o in parser.parse_overrides(list(overrides))
+                    if not o.is_hydra_override()]
+            scratch.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=task, exclude_keys=list(naming.exclude_keys),
+                item_sep=naming.item_sep, kv_sep=naming.kv_sep)
             scratch.hydra.job.num = initial_job_idx + idx
             folders.append(sweep_dir / str(OmegaConf.select(scratch, "hydra.sweep.subdir")))
     return folders
