@@ -235,6 +235,10 @@ write_if_changed() {
     chmod "$mode" "$f"
 }
 
+# The CPUs this process may run on. GNU nproc also honours OMP_NUM_THREADS and OMP_THREAD_LIMIT
+# (a test runner sets them to 1), which must not shrink the node.
+machine_cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
 write_configs() {
     local mem_mb margin real_mb
     mem_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
@@ -285,7 +289,7 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 # The controller's connection to slurmdbd ignores AuthInfo=socket= and needs this.
 AccountingStoragePass=$MUNGE_SOCKET
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$real_mb State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(machine_cpus) RealMemory=$real_mb State=UNKNOWN
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
