@@ -113,12 +113,12 @@ def overhead() -> None:
     w, b = torch.randn(K, D, generator=gen), torch.randn(K, generator=gen)
     acc = NCAccumulator(K)
     acc.update(h, y)
-    w64, b64, eps = acc._classifier(w, b)
-    basis = geometry._rowspace(w64, eps)
-    sigma_w = tensors._symmetric_from_upper(acc._scatter) / N
+    w64, b64, eps = tensors.as_classifier(w, b, acc._means)
+    basis = geometry.rowspace(w64, eps)
+    sigma_w = tensors.symmetric_from_upper(acc._scatter) / N
     tile = acc._tile()
-    full = decisions._Predictions.build(acc._counts, acc._means, w64, b64, None, tile)
-    both = decisions._Predictions.build(acc._counts, acc._means, w64, b64, basis, tile)
+    full = decisions.Predictions.build(acc._counts, acc._means, w64, b64, None, tile)
+    both = decisions.Predictions.build(acc._counts, acc._means, w64, b64, basis, tile)
 
     def heldout() -> None:
         test_nc4 = HeldOutNC4(acc, w, b)
@@ -135,8 +135,8 @@ def overhead() -> None:
         torch.set_num_threads(n_threads)
         med = interleaved_medians({
             "nc_metrics": lambda: nc_metrics(h, y, w, b),
-            "geometry": lambda: geometry._rowspace_metrics(
-                acc._counts, acc._means, sigma_w, w64, geometry._rowspace(w64, eps), tile
+            "geometry": lambda: geometry.rowspace_metrics(
+                acc._counts, acc._means, sigma_w, w64, geometry.rowspace(w64, eps), tile
             ),
             "nc4 only": lambda: full.mismatches(h),
             "nc4 + nc4_rowspace": lambda: both.mismatches(h),

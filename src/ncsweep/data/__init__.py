@@ -5,6 +5,7 @@
 - ``tabular``: scikit-learn's digits, a Gaussian mixture, the UFM's sample indices (one count
   per class, or one for all);
 - ``images`` and ``files``: torchvision's image sets read offline, ImageFolder trees;
+- ``image_inputs``: how stored images become model inputs (``ImageView``, ``FileSource``);
 - ``variants``: class subsets, subsampling, imbalance, label noise and random labels, one
   implementation for every data set with inputs, with what was realised in ``info``.
 
@@ -14,7 +15,8 @@ against what the config declared, so a dry run can size a model without the data
 
 from ncsweep.data.containers import DataBundle, Split, batches, member_batches
 from ncsweep.data.files import DatasetNotFound
-from ncsweep.data.images import FORMATS, FileSource, ImageView, load_images
+from ncsweep.data.image_inputs import FileSource, ImageView
+from ncsweep.data.images import FORMATS, load_images
 from ncsweep.data.tabular import load_digits, make_synthetic, make_ufm
 from ncsweep.data.variants import (
     IMBALANCE_PROFILES,

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ncsweep import distributed
 from ncsweep.config import ConfigError
-
-if TYPE_CHECKING:
-    from ncsweep.data.images import FileSource, ImageView
+from ncsweep.data.image_inputs import FileSource, ImageView
 
 
 @dataclass

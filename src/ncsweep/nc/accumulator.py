@@ -9,26 +9,25 @@ from typing import TYPE_CHECKING
 import torch
 
 from ncsweep import distributed
-from ncsweep.nc.decisions import _Predictions
-from ncsweep.nc.geometry import _geometry_metrics, _rowspace, _rowspace_metrics
-from ncsweep.nc.state import _all_reduce_state, _combine, _State
+from ncsweep.nc.decisions import Predictions
+from ncsweep.nc.geometry import geometry_metrics, rowspace, rowspace_metrics
+from ncsweep.nc.state import State, add_chunk, all_reduce_state, combine
 from ncsweep.nc.tensors import (
     CHUNK_ELEMENTS,
-    EPS,
     F64,
     UNLIMITED_BYTES,
     ArrayLike,
-    _add_gram_upper,
-    _as_tensor,
-    _check_classes,
-    _check_classifier_shapes,
-    _check_labels,
-    _check_matrix,
-    _check_tile_size,
-    _features,
-    _float64_chunks,
-    _symmetric_from_upper,
+    as_classifier,
+    as_features,
+    as_tensor,
+    check_classes,
+    check_classifier_shapes,
+    check_labels,
+    check_matrix,
+    check_tile_size,
     default_tile_size,
+    float64_chunks,
+    symmetric_from_upper,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +55,6 @@ KEYS = (
     "w_norm_mean",
     "m_norm_mean",
 )
-ONEHOT_MAX_CLASSES = 64
 ROWSPACE_KEYS = ("nc1_rowspace", "nc2_m_rowspace", "nc3_duality_rowspace", "nc4_rowspace")
 COMPUTE_KEYS = (*KEYS, *ROWSPACE_KEYS, "nc2_of")
 HELDOUT_KEYS = ("nc4_test",)
@@ -71,13 +69,13 @@ def nc_metrics(
     tile_size: int | None = None,
 ) -> dict[str, float]:
     """All NC metrics of one data set in one call: an accumulator fed a single batch."""
-    feats = _as_tensor(features)
-    w = _as_tensor(weight)
-    _check_matrix(feats, "features", "(N, d)")
-    _check_matrix(w, "weight", "(num_classes, d)")
+    feats = as_tensor(features)
+    w = as_tensor(weight)
+    check_matrix(feats, "features", "(N, d)")
+    check_matrix(w, "weight", "(num_classes, d)")
     k = w.shape[0] if num_classes is None else int(num_classes)
-    _check_classes(k)
-    _check_classifier_shapes(w, None if bias is None else _as_tensor(bias), k, feats.shape[1])
+    check_classes(k)
+    check_classifier_shapes(w, None if bias is None else as_tensor(bias), k, feats.shape[1])
     acc = NCAccumulator(k, max_feature_bytes=UNLIMITED_BYTES, tile_size=tile_size)
     acc._update(feats, labels, copy=False)
     return acc.compute(w, bias)
@@ -90,7 +88,7 @@ class _Pass2:
     weight: torch.Tensor
     bias: torch.Tensor
     basis: torch.Tensor | None
-    predictions: _Predictions
+    predictions: Predictions
     mismatches: torch.Tensor
     counts: torch.Tensor
 
@@ -106,10 +104,10 @@ class NCAccumulator:
         self, num_classes: int, max_feature_bytes: int = 512 * 2**20,
         tile_size: int | None = None,
     ) -> None:
-        _check_classes(num_classes)
+        check_classes(num_classes)
         self.num_classes = int(num_classes)
         self.max_feature_bytes = int(max_feature_bytes)
-        self.tile_size = _check_tile_size(tile_size)
+        self.tile_size = check_tile_size(tile_size)
         self._counts: torch.Tensor | None = None
         self._means: torch.Tensor | None = None
         self._sq_dev: torch.Tensor | None = None
@@ -135,10 +133,10 @@ class NCAccumulator:
         self._require_data("update_predictions")
         self._require_all_classes()
         feats, labs = self._batch(features, labels)
-        w, b, weight_eps = self._classifier(weight, bias)
+        w, b, weight_eps = as_classifier(weight, bias, self._means)
         if self._pass2 is None:
-            basis = _rowspace(w, weight_eps)
-            predictions = _Predictions.build(self._counts, self._means, w, b, basis, self._tile())
+            basis = rowspace(w, weight_eps)
+            predictions = Predictions.build(self._counts, self._means, w, b, basis, self._tile())
             zero = torch.zeros(predictions.groups - 1, dtype=torch.int64, device=w.device)
             self._pass2 = _Pass2(w, b, basis, predictions, zero, torch.zeros_like(self._counts))
         elif not (torch.equal(w, self._pass2.weight) and torch.equal(b, self._pass2.bias)):
@@ -156,15 +154,15 @@ class NCAccumulator:
         """
         self._require_data("compute")
         self._require_all_classes()
-        w, b, weight_eps = self._classifier(weight, bias)
+        w, b, weight_eps = as_classifier(weight, bias, self._means)
         tile = self._tile()
-        sigma_w = _symmetric_from_upper(self._scatter) / self._counts.sum()
-        values = _geometry_metrics(self._counts, self._means, self._sq_dev, sigma_w, w, b, tile)
-        basis = self._pass2.basis if self._pass2 is not None else _rowspace(w, weight_eps)
+        sigma_w = symmetric_from_upper(self._scatter) / self._counts.sum()
+        values = geometry_metrics(self._counts, self._means, self._sq_dev, sigma_w, w, b, tile)
+        basis = self._pass2.basis if self._pass2 is not None else rowspace(w, weight_eps)
         if basis is None:
             values |= {f"{key}_rowspace": values[key] for key in ("nc1", "nc2_m", "nc3_duality")}
         else:
-            values |= _rowspace_metrics(self._counts, self._means, sigma_w, w, basis, tile)
+            values |= rowspace_metrics(self._counts, self._means, sigma_w, w, basis, tile)
         values["nc4"], values["nc4_rowspace"] = self._nc4(w, b, basis, tile)
         stacked = torch.stack([values[k] for k in COMPUTE_KEYS]).cpu().tolist()
         return dict(zip(COMPUTE_KEYS, stacked, strict=True))
@@ -188,7 +186,7 @@ class NCAccumulator:
             if len(d) > 1:
                 raise ValueError(f"merge got features of different widths d={sorted(d)}")
             device = parts[0].means.device
-            out._set_state(_combine([_State(*(t.to(device) for t in p)) for p in parts],
+            out._set_state(combine([State(*(t.to(device) for t in p)) for p in parts],
                                     lambda t: t))
         if self._kept is None or other._kept is None:
             out._kept = None
@@ -211,7 +209,7 @@ class NCAccumulator:
         if self._pass2 is not None or self._reduced:
             raise ValueError("all_reduce once, after pass 1 and before update_predictions")
         state = None if self._means is None else self._state()
-        merged, dropped = _all_reduce_state(state, self.num_classes, self._kept is None, group)
+        merged, dropped = all_reduce_state(state, self.num_classes, self._kept is None, group)
         if merged is not None:
             self._set_state(merged)
         if dropped:
@@ -236,10 +234,10 @@ class NCAccumulator:
             return self.tile_size
         return default_tile_size(self.num_classes, self._means.device)
 
-    def _state(self) -> _State:
-        return _State(self._counts, self._means, self._sq_dev, self._scatter)
+    def _state(self) -> State:
+        return State(self._counts, self._means, self._sq_dev, self._scatter)
 
-    def _set_state(self, state: _State) -> None:
+    def _set_state(self, state: State) -> None:
         self._counts, self._means, self._sq_dev, self._scatter = state
 
     def _update(self, features: ArrayLike, labels: ArrayLike, copy: bool) -> None:
@@ -252,45 +250,21 @@ class NCAccumulator:
             return
         self._init_state(feats.shape[1], feats.device)
         step = max(CHUNK_ELEMENTS // feats.shape[1], PASS1_CHUNK_CLASSES * self.num_classes)
-        for rows, x in _float64_chunks(feats, step):
-            self._merge_chunk(x, labs[rows])
+        for rows, x in float64_chunks(feats, step):
+            self._set_state(add_chunk(self._state(), x, labs[rows]))
         self._keep(feats, labs, copy)
 
     def _batch(self, features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated (features, int64 labels) on the state's device."""
-        feats = _features(features, self._means)
-        labs = _as_tensor(labels, feats.device)
-        _check_labels(labs, feats.shape, self.num_classes)
+        feats = as_features(features, self._means)
+        labs = as_tensor(labels, feats.device)
+        check_labels(labs, feats.shape, self.num_classes)
         return feats, labs.long()
 
     def _init_state(self, d: int, device: torch.device) -> None:
         if self._means is None:
-            self._set_state(_State.zeros(self.num_classes, d, device))
+            self._set_state(State.zeros(self.num_classes, d, device))
 
-    def _merge_chunk(self, x: torch.Tensor, labels: torch.Tensor) -> None:
-        """Centre float64 chunk x in place by its class means and merge it (Chan et al.)."""
-        k = self.num_classes
-        n_b = torch.bincount(labels, minlength=k).to(F64)
-        sums = torch.zeros((k, x.shape[1]), dtype=F64, device=x.device).index_add_(0, labels, x)
-        if not bool(torch.isfinite(sums).all()):
-            raise ValueError("features contain NaN or inf")
-        means_b = sums / n_b.clamp(min=1)[:, None]
-        if k <= ONEHOT_MAX_CLASSES:  # a thin product beats gathering an N x d block of means
-            x.addmm_(torch.nn.functional.one_hot(labels, k).to(F64), means_b, alpha=-1.0)
-        else:
-            x.sub_(means_b[labels])
-        sq_b = torch.zeros(k, dtype=F64, device=x.device)
-        sq_b.index_add_(0, labels, torch.linalg.vector_norm(x, dim=1).square())
-        total = self._counts + n_b
-        delta = means_b - self._means
-        pair_weight = self._counts * n_b / total.clamp(min=1)
-        _add_gram_upper(self._scatter, x)
-        both = torch.nonzero(pair_weight).flatten()
-        if both.numel():
-            _add_gram_upper(self._scatter, pair_weight[both, None].sqrt() * delta[both])
-        self._sq_dev += sq_b + pair_weight * delta.square().sum(dim=1)
-        self._means += delta * (n_b / total.clamp(min=1))[:, None]
-        self._counts = total
     def _keep(self, feats: torch.Tensor, labels: torch.Tensor, copy: bool) -> None:
         """Keep the batch for a one-pass nc4 while within budget; drop all kept past it."""
         if self._kept is None:
@@ -303,22 +277,6 @@ class NCAccumulator:
             feats, labels = feats.clone(), labels.clone()
         self._kept.append((feats, labels))
         self._kept_bytes += size
-
-    def _classifier(
-        self, weight: ArrayLike, bias: ArrayLike | None
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Validated float64 (W, b) on the state's device (b = 0 for None), eps of W's dtype."""
-        device = self._means.device
-        w = _as_tensor(weight, device)
-        b = None if bias is None else _as_tensor(bias, device)
-        _check_matrix(w, "weight", "(num_classes, d)")
-        _check_classifier_shapes(w, b, self.num_classes, self._means.shape[1])
-        weight_eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else EPS
-        w = w.to(F64)
-        b = torch.zeros(self.num_classes, dtype=F64, device=device) if b is None else b.to(F64)
-        if not bool(torch.isfinite(w).all() & torch.isfinite(b).all()):
-            raise ValueError("weight or bias contains NaN or inf")
-        return w, b, weight_eps
 
     def _nc4(
         self, w: torch.Tensor, b: torch.Tensor, basis: torch.Tensor | None, tile: int
@@ -338,7 +296,7 @@ class NCAccumulator:
                 f"labels, weight, bias) over the same data before compute"
             )
         else:
-            predictions = _Predictions.build(self._counts, self._means, w, b, basis, tile)
+            predictions = Predictions.build(self._counts, self._means, w, b, basis, tile)
             mismatches = sum((predictions.mismatches(f) for f, _ in self._kept),
                              torch.zeros(predictions.groups - 1, dtype=torch.int64,
                                          device=w.device))
@@ -380,9 +338,9 @@ class HeldOutNC4:
     ) -> None:
         train._require_data("HeldOutNC4")
         train._require_all_classes()
-        w, b, _ = train._classifier(weight, bias)
+        w, b, _ = as_classifier(weight, bias, train._means)
         self._like = train._means.new_empty((0, train._means.shape[1]))
-        self._predictions = _Predictions.build(train._counts, train._means, w, b, None,
+        self._predictions = Predictions.build(train._counts, train._means, w, b, None,
                                                train._tile())
         self._mismatches = torch.zeros(1, dtype=torch.int64, device=w.device)
         self._samples = 0
@@ -390,7 +348,7 @@ class HeldOutNC4:
 
     def update(self, features: ArrayLike) -> None:
         """Add a batch of held-out features (N, d), any size or dtype; labels are not needed."""
-        feats = _features(features, self._like)
+        feats = as_features(features, self._like)
         self._mismatches += self._predictions.mismatches(feats)
         self._samples += feats.shape[0]
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ncsweep.nc.geometry import _centred_means
+from ncsweep.nc.geometry import centred_means
 from ncsweep.nc.tensors import (
     BLOCK_ELEMENTS,
     CHUNK_ELEMENTS,
-    _float64_chunks,
-    _ieee_float32_matmul,
+    float64_chunks,
+    ieee_float32_matmul,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _error_coefficients(d: int) -> tuple[float, float, float]:
 
 
 @dataclass(frozen=True)
-class _Predictions:
+class Predictions:
     """Score sets [W; 2M; 2 M P_W] and offsets [b + W mu_G; -||M_k||^2; -||P_W M_k||^2] of the
     centred features x = h - mu_G: group 0 is the classifier, the others nearest centres."""
 
@@ -62,9 +62,9 @@ class _Predictions:
     def build(
         cls, counts: torch.Tensor, means: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
         basis: torch.Tensor | None, tile: int,
-    ) -> _Predictions:
+    ) -> Predictions:
         """nc4's centres M and, when given W's row-space basis V_r, nc4_rowspace's M P_W."""
-        mu_g, m = _centred_means(counts, means)
+        mu_g, m = centred_means(counts, means)
         proj, offsets = [w], [b + w @ mu_g]
         for c in (m,) if basis is None else (m, (m @ basis) @ basis.T):
             proj.append(2.0 * c)
@@ -86,6 +86,7 @@ class _Predictions:
 
     @property
     def groups(self) -> int:
+        """Number of score sets: the classifier, then one per centre set."""
         return self.proj.shape[0]
 
     def mismatches(self, feats: torch.Tensor) -> torch.Tensor:
@@ -95,8 +96,8 @@ class _Predictions:
                    max(1, CHUNK_ELEMENTS // self.proj.shape[2]))
         count = torch.zeros(self.groups - 1, dtype=torch.int64, device=self.proj.device)
         rechecked = 0
-        with _ieee_float32_matmul():
-            for _, x in _float64_chunks(feats, rows):
+        with ieee_float32_matmul():
+            for _, x in float64_chunks(feats, rows):
                 x.sub_(self.mu_g)
                 if k < FLOAT32_MIN_CLASSES:  # the N x K product is cheap: decide in float64
                     decided = self._float64_decisions(x)

@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from ncsweep.nc.pairs import _cross_etf_distance, _symmetric_pairs
+from ncsweep.nc.pairs import cross_etf_distance, symmetric_pairs
 from ncsweep.nc.tensors import EPS
 
 
-def _geometry_metrics(
+def geometry_metrics(
     counts: torch.Tensor,
     means: torch.Tensor,
     sq_dev: torch.Tensor,
@@ -20,14 +20,14 @@ def _geometry_metrics(
     tile: int,
 ) -> dict[str, torch.Tensor]:
     """NC1-NC3, nc4_bias, nc2_of and the extra keys from the accumulated float64 state."""
-    mu_g, m = _centred_means(counts, means)
+    mu_g, m = centred_means(counts, means)
     trace_b = m.square().sum() / m.shape[0]
     if float(trace_b) == 0.0:
         raise ValueError("all class means coincide: Sigma_B is zero, so nc1 is undefined")
     w_norms, m_norms = _row_norms(w, "W"), _row_norms(m, "M (class mean minus global mean)")
     grams = (w.T @ w, m.T @ m) if m.shape[0] > tile else (None, None)
-    pairs_w = _symmetric_pairs(w, tile, "W W^T", norms=w_norms, gram_dd=grams[0])
-    pairs_m = _symmetric_pairs(m, tile, "M M^T", norms=m_norms, variances=sq_dev / counts,
+    pairs_w = symmetric_pairs(w, tile, "W W^T", norms=w_norms, gram_dd=grams[0])
+    pairs_m = symmetric_pairs(m, tile, "M M^T", norms=m_norms, variances=sq_dev / counts,
                                shift=mu_g, gram_dd=grams[1])
     return {
         "nc1": _nc1(m, counts, sigma_w),
@@ -39,7 +39,7 @@ def _geometry_metrics(
         "nc2_equiangle_m": pairs_m["equiangle"],
         "nc2_maxangle_w": pairs_w["maxangle"],
         "nc2_maxangle_m": pairs_m["maxangle"],
-        "nc3": _cross_etf_distance(w, m, tile, "W M^T", None if grams[0] is None else grams),
+        "nc3": cross_etf_distance(w, m, tile, "W M^T", None if grams[0] is None else grams),
         "nc3_duality": (w / w.norm() - m / m.norm()).square().sum(),
         "nc4_bias": torch.linalg.vector_norm(w @ mu_g + b),
         "cdnv": pairs_m["cdnv"],
@@ -59,7 +59,7 @@ def _right_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, vh
 
 
-def _rowspace(w: torch.Tensor, weight_eps: float) -> torch.Tensor | None:
+def rowspace(w: torch.Tensor, weight_eps: float) -> torch.Tensor | None:
     """W's row-space basis V_r (d x r) from its SVD, P_W = V_r V_r^T; None when r = d (P_W = I)."""
     k, d = w.shape
     s, vh = _right_singular(w)
@@ -68,7 +68,7 @@ def _rowspace(w: torch.Tensor, weight_eps: float) -> torch.Tensor | None:
     return None if rank == d else vh[:rank].T
 
 
-def _rowspace_metrics(
+def rowspace_metrics(
     counts: torch.Tensor,
     means: torch.Tensor,
     sigma_w: torch.Tensor,
@@ -78,16 +78,16 @@ def _rowspace_metrics(
 ) -> dict[str, torch.Tensor]:
     """nc1, nc2_m, nc3_duality of P_W h, in the coordinates V_r^T h of W's row space."""
     k, d = means.shape
-    m_r = _centred_means(counts, means)[1] @ basis
+    m_r = centred_means(counts, means)[1] @ basis
     m_p = m_r @ basis.T
     return {
         "nc1_rowspace": _nc1(m_r, counts, basis.T @ sigma_w @ basis, cutoff_dim=max(d, k)),
-        "nc2_m_rowspace": _symmetric_pairs(m_r, tile, "M P_W (M P_W)^T")["etf"],
+        "nc2_m_rowspace": symmetric_pairs(m_r, tile, "M P_W (M P_W)^T")["etf"],
         "nc3_duality_rowspace": (w / w.norm() - m_p / m_p.norm()).square().sum(),
     }
 
 
-def _centred_means(counts: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def centred_means(counts: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-weighted global mean mu_G and M = [mu_k - mu_G], re-centred once for accuracy."""
     n_total = counts.sum()
     mu_g = counts @ means / n_total

@@ -169,7 +169,7 @@ def _etf_values(k: int) -> tuple[float, float]:
     return (1.0 - 1.0 / k) / math.sqrt(k - 1), -1.0 / (k * math.sqrt(k - 1))
 
 
-def _symmetric_pairs(
+def symmetric_pairs(
     a: torch.Tensor, tile: int, name: str, norms: torch.Tensor | None = None,
     variances: torch.Tensor | None = None, shift: torch.Tensor | None = None,
     gram_dd: torch.Tensor | None = None,
@@ -226,7 +226,7 @@ def _symmetric_pairs(
     return out
 
 
-def _cross_etf_distance(
+def cross_etf_distance(
     a: torch.Tensor, b: torch.Tensor, tile: int, name: str,
     grams_dd: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:

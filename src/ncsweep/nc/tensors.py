@@ -25,17 +25,17 @@ TILE_MEMORY_SHARE = 64
 ArrayLike = torch.Tensor | np.ndarray
 
 
-def _as_tensor(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
+def as_tensor(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
     """Detached tensor view of a tensor or numpy array, on `device` when given."""
     is_tensor = isinstance(x, torch.Tensor)
     t = x.detach() if is_tensor else torch.from_numpy(np.ascontiguousarray(x))
     return t if device is None else t.to(device)
 
 
-def _features(features: ArrayLike, like: torch.Tensor | None) -> torch.Tensor:
+def as_features(features: ArrayLike, like: torch.Tensor | None) -> torch.Tensor:
     """Validated real (N, d) features on the device and of the width d of `like`, if given."""
-    feats = _as_tensor(features, None if like is None else like.device)
-    _check_matrix(feats, "features", "(N, d)")
+    feats = as_tensor(features, None if like is None else like.device)
+    check_matrix(feats, "features", "(N, d)")
     if feats.dtype == torch.bool or feats.is_complex():
         raise ValueError(f"features must be real numbers, got dtype {feats.dtype}")
     if like is not None and feats.shape[1] != like.shape[1]:
@@ -45,17 +45,20 @@ def _features(features: ArrayLike, like: torch.Tensor | None) -> torch.Tensor:
     return feats
 
 
-def _check_classes(k: int) -> None:
+def check_classes(k: int) -> None:
+    """Refuse fewer than 2 classes, for which no NC metric is defined."""
     if int(k) < 2:
         raise ValueError(f"NC metrics need at least 2 classes, got num_classes={k}")
 
 
-def _check_matrix(x: torch.Tensor, name: str, expected: str) -> None:
+def check_matrix(x: torch.Tensor, name: str, expected: str) -> None:
+    """Refuse an input `name` that is not 2-D, naming the `expected` shape."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D {expected}, got shape {tuple(x.shape)}")
 
 
-def _check_labels(labels: torch.Tensor, feature_shape: torch.Size, k: int) -> None:
+def check_labels(labels: torch.Tensor, feature_shape: torch.Size, k: int) -> None:
+    """Refuse labels that are not one integer in [0, k) per feature row."""
     n = feature_shape[0]
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(
@@ -73,7 +76,8 @@ def _check_labels(labels: torch.Tensor, feature_shape: torch.Size, k: int) -> No
         )
 
 
-def _check_classifier_shapes(w: torch.Tensor, b: torch.Tensor | None, k: int, d: int) -> None:
+def check_classifier_shapes(w: torch.Tensor, b: torch.Tensor | None, k: int, d: int) -> None:
+    """Refuse a weight that is not (k, d) or a bias that is not (k,)."""
     if tuple(w.shape) != (k, d):
         raise ValueError(
             f"weight must have shape (num_classes, d) = ({k}, {d}), got {tuple(w.shape)}"
@@ -82,20 +86,38 @@ def _check_classifier_shapes(w: torch.Tensor, b: torch.Tensor | None, k: int, d:
         raise ValueError(f"bias must have shape (num_classes,) = ({k},), got {tuple(b.shape)}")
 
 
+def as_classifier(
+    weight: ArrayLike, bias: ArrayLike | None, means: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Validated float64 (W, b) for class means (K, d), on their device (b = 0 for None), and
+    the eps of W's dtype (that of float64 for an integer W)."""
+    k, d = means.shape
+    w = as_tensor(weight, means.device)
+    b = None if bias is None else as_tensor(bias, means.device)
+    check_matrix(w, "weight", "(num_classes, d)")
+    check_classifier_shapes(w, b, k, d)
+    weight_eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else EPS
+    w = w.to(F64)
+    b = torch.zeros(k, dtype=F64, device=means.device) if b is None else b.to(F64)
+    if not bool(torch.isfinite(w).all() & torch.isfinite(b).all()):
+        raise ValueError("weight or bias contains NaN or inf")
+    return w, b, weight_eps
+
+
 def _gram_edges(d: int) -> list[int]:
     """Column blocks of width >= GRAM_BLOCK for the upper block strips of a Gram matrix."""
     blocks = max(1, min(GRAM_STRIPS, d // GRAM_BLOCK))
     return [round(i * d / blocks) for i in range(blocks + 1)]
 
 
-def _add_gram_upper(scatter: torch.Tensor, x: torch.Tensor) -> None:
+def add_gram_upper(scatter: torch.Tensor, x: torch.Tensor) -> None:
     """Add the block-upper part of x^T x to scatter: symmetry saves up to ~3/8 of the flops."""
     edges = _gram_edges(x.shape[1])
     for lo, hi in itertools.pairwise(edges):
         scatter[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
 
 
-def _symmetric_from_upper(scatter: torch.Tensor) -> torch.Tensor:
+def symmetric_from_upper(scatter: torch.Tensor) -> torch.Tensor:
     """Full symmetric matrix from one whose block-upper part (see _gram_edges) is complete."""
     d = scatter.shape[0]
     edges = torch.tensor(_gram_edges(d)[1:-1], dtype=torch.int64, device=scatter.device)
@@ -104,7 +126,7 @@ def _symmetric_from_upper(scatter: torch.Tensor) -> torch.Tensor:
     return (upper + upper.T) / 2.0
 
 
-def _float64_chunks(
+def float64_chunks(
     feats: torch.Tensor, rows: int | None = None
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Row chunks of feats copied to float64 in one reused buffer, of `rows` rows (default:
@@ -138,7 +160,8 @@ def default_tile_size(num_classes: int, device: torch.device) -> int:
     return max(1, min(num_classes, MAX_TILE, max(MIN_TILE, by_memory)))
 
 
-def _check_tile_size(tile_size: int | None) -> int | None:
+def check_tile_size(tile_size: int | None) -> int | None:
+    """The tile size itself when it is a positive integer or None (the default), else refused."""
     if tile_size is None:
         return None
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
@@ -147,7 +170,7 @@ def _check_tile_size(tile_size: int | None) -> int | None:
 
 
 @contextlib.contextmanager
-def _ieee_float32_matmul() -> Iterator[None]:
+def ieee_float32_matmul() -> Iterator[None]:
     """Float32 products in IEEE float32 (no TF32 or bfloat16 passes), as nc4's error bound
     assumes; the previous setting is restored after."""
     previous = torch.get_float32_matmul_precision()
