@@ -1,5 +1,6 @@
-# make demo: the design-card sweep on the CPU default; make test: the whole test suite.
-# Both create .venv and install ncsweep with its dev extras on first use.
+# make demo: the design-card sweep on the CPU default; make test: the whole test suite;
+# make bench: every benchmark, its figures written into docs/benchmarks.md.
+# All three create .venv and install ncsweep with its dev extras on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,7 +21,7 @@ test: $(STAMP)
 	PY=$(PY) tests/suite.sh
 
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

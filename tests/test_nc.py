@@ -1,4 +1,4 @@
-"""Tests of ncsweep.nc against the formulas of docs/nc-metrics.md."""
+"""Tests of ncsweep.nc against the formulas of docs/metrics.md."""
 
 from __future__ import annotations
 

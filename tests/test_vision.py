@@ -28,7 +28,7 @@ PRESETS = ["zhu2021_cifar10_resnet18", "zhu2021_mnist_resnet18", "zhu2021_mlp",
 ARCHS = ["resnet18", "resnet34", "resnet50", "vgg11_bn", "mlp"]
 DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "imagenet"]
 K = 10
-# nc-metrics.md: torchvision ResNets with K = 10, a learned Linear(d, 10) classifier.
+# docs/metrics.md: torchvision ResNets with K = 10, a learned Linear(d, 10) classifier.
 PUBLISHED = {("resnet18", 512): 11_181_642, ("resnet18", 10): 8_867_542,
              ("resnet50", 2048): 23_528_522, ("resnet50", 10): 22_481_110}
 

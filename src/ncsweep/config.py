@@ -150,7 +150,7 @@ def _check_pairing(cfg: Any) -> None:
 
 
 def _check_ufm(plain: Mapping) -> None:
-    """The UFM's objective is exactly nc-metrics.md's: its lambdas, no extra weight decay."""
+    """The UFM's objective is exactly docs/metrics.md's: its lambdas, no extra weight decay."""
     if _is_ufm(plain):
         decay = plain["optim"].get("weight_decay", 0.0)
         if decay:

@@ -1,4 +1,4 @@
-"""Last-layer classifiers: a learned linear head and a frozen simplex-ETF head (nc-metrics.md)."""
+"""Last-layer classifiers: a learned linear head and a frozen simplex-ETF head (docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -323,7 +323,7 @@ def _times(wall: float, earlier_wall: float, result: Any, attempts: int) -> dict
 
 
 def _memory_fields(peak: Any, account: Any) -> dict:
-    """The device's peak beside the step's account (nc-metrics.md, training memory)."""
+    """The device's peak beside the step's account (docs/metrics.md, training memory)."""
     fields = {"peak_memory_bytes": peak.bytes, "peak_memory_kind": peak.kind,
               "peak_memory_reserved_bytes": peak.reserved_bytes}
     return {**fields, **(account.as_dict() if account is not None else {})}

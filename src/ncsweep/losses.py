@@ -1,4 +1,4 @@
-"""Training losses on the scale of nc-metrics.md: sample means; MSE halved, summed over classes.
+"""Training losses on the scale of docs/metrics.md: sample means; MSE halved, summed over classes.
 
 CE: (1/N) sum_i [log sum_l exp(z_il) - z_i,y_i].
 MSE: (1/N) sum_i (1/2) ||z_i - e_{y_i}||^2, which is K/2 times PyTorch's ``mse_loss``

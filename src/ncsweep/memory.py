@@ -105,7 +105,7 @@ class TrainMemory:
                            + self.optimizer_bytes + self.activations_bytes)
 
     def as_dict(self) -> dict[str, int]:
-        """The five summary fields of nc-metrics.md, under their names there."""
+        """The five summary fields of docs/metrics.md, under their names there."""
         return {"memory_params_bytes": self.params_bytes,
                 "memory_grads_bytes": self.grads_bytes,
                 "memory_optimizer_bytes": self.optimizer_bytes,

@@ -1,6 +1,6 @@
 """UFM theory: the objective, its closed-form global optimum and Hessian curvature probes.
 
-Notation and formulas follow nc-metrics.md, "The UFM and its global optimum":
+Notation and formulas follow docs/metrics.md, "The UFM and its global optimum":
 
     f(W, H, b) = (1/N) sum_i L(W h_i + b, y_i)
                  + (lambda_W/2)||W||^2 + (lambda_H/2)||H||^2 + (lambda_b/2)||b||^2

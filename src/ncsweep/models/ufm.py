@@ -23,7 +23,7 @@ _SCHEDULER_ORDER = re.escape("Detected call of `lr_scheduler.step()` before")
 class UFMFeatures(Backbone):
     """The unconstrained feature model's features: one free row h_i per sample, indexed by i.
 
-    With a learned head this is exactly the objective of nc-metrics.md: the training loss
+    With a learned head this is exactly the objective of docs/metrics.md: the training loss
     plus ``penalty`` = (lambda_w/2)||W||^2 + (lambda_h/2)||H||^2 + (lambda_b/2)||b||^2, so the
     optimiser's own weight decay must be 0. Each eval point adds the objective, its gap to
     the closed-form optimum and the gradient norm; the end of a run adds the Hessian probe.

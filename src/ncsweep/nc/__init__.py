@@ -1,4 +1,4 @@
-"""Neural Collapse metrics, each key computed by its formula in docs/nc-metrics.md.
+"""Neural Collapse metrics, each key computed by its formula in docs/metrics.md.
 
 Keys from the reference table: ``nc1``, ``nc2_w``, ``nc2_m``, ``nc2_equinorm_w``,
 ``nc2_equinorm_m``, ``nc2_equiangle_w``, ``nc2_equiangle_m``, ``nc2_maxangle_w``,
