@@ -150,6 +150,30 @@ def test_a_live_holder_is_not_taken_over(tmp_path: Path) -> None:
     assert proc.returncode == 0 and holder(tmp_path) is None
 
 
+def test_same_host_leases_of_a_reused_pid_a_reboot_or_garbage_are_taken_over(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        here = socket.gethostname()
+        leftovers = {f"pid {sleeper.pid} on host {here} is now another process":
+                     {"host": here, "pid": sleeper.pid, "proc_start": "1"},
+                     f"host {here} has rebooted since":
+                     {"host": here, "pid": sleeper.pid, "boot": "an-earlier-boot"}}
+        for reason, fields in leftovers.items():
+            _write_lease(tmp_path, **fields)
+            with caplog.at_level(logging.WARNING, logger="ncsweep.lease"), \
+                    Lease.acquire(tmp_path):
+                pass
+            assert caplog.records[-1].getMessage().endswith(reason)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / LEASE_FILE).write_text("")
+    os.utime(tmp_path / LEASE_FILE, (time.time() - 100, time.time() - 100))
+    with caplog.at_level(logging.WARNING, logger="ncsweep.lease"), Lease.acquire(tmp_path):
+        assert caplog.records[-1].getMessage().endswith("the lease file is unreadable")
+
+
 def test_stale_heartbeat_on_another_host_is_taken_over(tmp_path: Path, fake_squeue: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     _write_lease(tmp_path, age_s=2)

@@ -14,9 +14,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -24,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from ncsweep.cluster import FINISHED_STATES
+from ncsweep.diskspace import guard_write
 from ncsweep.errors import ConfigError
+from ncsweep.liveness import boot_id, job_over, job_state, pid_gone, process_start, slurm_job
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +35,6 @@ STALE_AFTER_S = 60.0
 WAIT_S = 10.0
 CREATING_GRACE_S = 5.0
 CLAIM_STALE_S = 30.0
-SQUEUE_TIMEOUT_S = 10.0
-NOT_QUEUED = "not in the queue"
 
 
 class RunHeld(RuntimeError):
@@ -92,40 +89,13 @@ def _clock(stamp: float) -> str:
     return time.strftime("%H:%M" if same_day else "%b %d %H:%M", when)
 
 
-def _boot_id() -> str | None:
-    """This machine's boot id, so a lease from before a reboot is known to be dead."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in ticks) of a process from /proc, or None where unreadable."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], fields[19]
-
-
-def _slurm_job() -> tuple[str | None, int]:
-    """This process's SLURM job ('15_0' for an array task) and how often it was requeued."""
-    env = os.environ
-    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    job = f"{array}_{task}" if array and task else env.get("SLURM_JOB_ID")
-    return job, int(env.get("SLURM_RESTART_COUNT", "0") or 0)
-
-
 def _me(pid: int | None) -> Holder:
     """A Holder record for this process (pid None: a reservation for a queued job)."""
-    job, restarts = _slurm_job()
+    job, restarts = slurm_job()
     host = socket.gethostname()
-    stat = _proc_stat(pid) if pid is not None else None
     return Holder(host=host, pid=pid, job=job, node=os.environ.get("SLURMD_NODENAME", host),
                   started=time.time(), token=uuid.uuid4().hex, restarts=restarts,
-                  boot=_boot_id(), proc_start=stat[1] if stat else None)
+                  boot=boot_id(), proc_start=None if pid is None else process_start(pid))
 
 
 def _encode(holder: Holder) -> str:
@@ -154,26 +124,6 @@ def _snapshot(path: Path) -> tuple[str, float] | None:
         return None
 
 
-def _job_state(job: str) -> str | None:
-    """The job's state as squeue reports it, NOT_QUEUED, or None when squeue cannot tell."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        res = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
-                             text=True, timeout=SQUEUE_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        log.warning("squeue could not tell whether job %s still runs: %s", job, error)
-        return None
-    states = res.stdout.split()
-    if res.returncode == 0:
-        return states[0] if states else NOT_QUEUED
-    if "Invalid job id" in res.stderr:
-        return NOT_QUEUED
-    log.warning("squeue could not tell whether job %s still runs: %s", job,
-                (res.stderr.strip().splitlines() or ["no message"])[-1])
-    return None
-
-
 def _gone_reason(holder: Holder, me: Holder, stale_after_s: float) -> str | None:
     """Why the holder is gone, or None while it may still be writing."""
     if holder.job and holder.job == me.job and holder.reserved:
@@ -185,31 +135,16 @@ def _gone_reason(holder: Holder, me: Holder, stale_after_s: float) -> str | None
             return f"host {holder.host} has rebooted since"
         if holder.pid == os.getpid():
             return "it was this process's own earlier lease"
-        stat = _proc_stat(holder.pid)
-        if not _pid_alive(holder.pid) or (stat is not None and stat[0] == "Z"):
-            return f"pid {holder.pid} on host {holder.host} is gone"
-        if stat and holder.proc_start and stat[1] != holder.proc_start:
-            return f"pid {holder.pid} on host {holder.host} is now another process"
-        return None
-    state = _job_state(holder.job) if holder.job else None
+        gone = pid_gone(holder.pid, holder.proc_start)
+        return f"pid {holder.pid} on host {holder.host} {gone}" if gone else None
+    state = job_state(holder.job) if holder.job else None
     if state is not None:
-        gone = state == NOT_QUEUED or state in FINISHED_STATES
-        return f"job {holder.job} is no longer queued or running ({state})" if gone else None
+        over = job_over(state)
+        return f"job {holder.job} is no longer queued or running ({state})" if over else None
     age = time.time() - holder.heartbeat
     if age > stale_after_s:
         return f"its heartbeat is {age:.0f} s old (stale after {stale_after_s:g} s)"
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _create(path: Path, content: str) -> bool:
@@ -344,30 +279,40 @@ def _check_timing(heartbeat_s: float, stale_after_s: float) -> None:
 
 def _settle(folder: Path, me: Holder, stale_after_s: float, wait_s: float) -> Holder:
     """Write `me` as the folder's lease, fresh or over a gone holder; RunHeld when live."""
+    path = folder / LEASE_FILE
+    with guard_write("the run's lease", path):
+        folder.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wait_s
+        while not _settled(folder, me, stale_after_s):
+            if time.monotonic() > deadline:
+                raise LeaseError(f"could not settle the lease of {folder} within {wait_s:g} s; "
+                                 f"another process keeps changing {path}")
+            time.sleep(0.05)
+    return me
+
+
+def _settled(folder: Path, me: Holder, stale_after_s: float) -> bool:
+    """One try at writing `me` as the lease; False when it is being created or taken meanwhile."""
     path, content = folder / LEASE_FILE, _encode(me)
-    deadline = time.monotonic() + wait_s
-    while True:
-        if _create(path, content):
-            return me
-        current = _snapshot(path)
-        if current is not None:
-            holder = _decode(*current)
-            if holder is None and time.time() - current[1] < CREATING_GRACE_S:
-                reason = None
-            elif holder is None:
-                reason = "the lease file is unreadable"
-            else:
-                reason = _gone_reason(holder, me, stale_after_s)
-                if reason is None:
-                    raise RunHeld(folder, holder)
-            if reason is not None and _take_over(path, current[0], content):
-                gone = holder.describe() if holder else "an unreadable lease"
-                log.warning("taking over the lease of %s (%s): %s", folder, gone, reason)
-                return me
-        if time.monotonic() > deadline:
-            raise LeaseError(f"could not settle the lease of {folder} within {wait_s:g} s; "
-                             f"another process keeps changing {path}")
-        time.sleep(0.05)
+    if _create(path, content):
+        return True
+    current = _snapshot(path)
+    if current is None:
+        return False
+    holder = _decode(*current)
+    if holder is None:
+        if time.time() - current[1] < CREATING_GRACE_S:
+            return False
+        reason = "the lease file is unreadable"
+    else:
+        reason = _gone_reason(holder, me, stale_after_s)
+        if reason is None:
+            raise RunHeld(folder, holder)
+    if not _take_over(path, current[0], content):
+        return False
+    gone = holder.describe() if holder else "an unreadable lease"
+    log.warning("taking over the lease of %s (%s): %s", folder, gone, reason)
+    return True
 
 
 def holder(folder: Path | str, stale_after_s: float = STALE_AFTER_S) -> Holder | None:
