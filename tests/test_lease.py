@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ncsweep.errors import ConfigError
-from ncsweep.lease import LEASE_FILE, Lease, RunHeld, holder, reserve
+from ncsweep.lease import LEASE_FILE, Lease, RunHeld, holder, holders, reserve
 
 HOLD = """
 import pathlib, sys, time
@@ -67,16 +67,16 @@ def _dead_pid() -> int:
 
 @pytest.fixture
 def fake_squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A `squeue` first on PATH that prints what its file says (a state, or nothing)."""
+    """A `squeue` first on PATH that prints its file ('JOB STATE' lines) and logs each call."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     answer = tmp_path / "squeue-answer"
-    answer.write_text("RUNNING")
+    answer.write_text("15_0 RUNNING\n")
     script = bin_dir / "squeue"
-    script.write_text(f'#!/bin/sh\nread -r line < "{answer}" || true\n'
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{answer}.calls"\nread -r line < "{answer}"\n'
                       'case "$line" in invalid) echo "slurm_load_jobs error: Invalid job id '
                       'specified" >&2; exit 1;; down) echo "error: unreachable" >&2; exit 1;; '
-                      'esac\n[ -n "$line" ] && echo "$line"\nexit 0\n')
+                      f'esac\ncat "{answer}"\n')
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
@@ -193,16 +193,28 @@ def test_slurm_job_decides_for_holders_on_other_hosts(tmp_path: Path, fake_squeu
         Lease.acquire(tmp_path)
     fake_squeue.write_text("down")
     assert holder(tmp_path) is None  # squeue cannot tell: the old heartbeat decides
-    for answer in ("COMPLETED", "", "invalid"):
+    for answer in ("15_0 COMPLETED", "", "invalid"):
         _write_lease(tmp_path, age_s=0, job="15_0", node="vm")
         fake_squeue.write_text(answer)
         with Lease.acquire(tmp_path) as lease:
             assert lease.holder.pid == os.getpid()
 
 
+def test_many_folders_are_judged_with_one_squeue_call(tmp_path: Path, fake_squeue: Path) -> None:
+    folders = [tmp_path / f"run-{i}" for i in range(4)]
+    for i, folder in enumerate(folders[:3]):
+        folder.mkdir()
+        _write_lease(folder, age_s=1000, job=f"15_{i}", node="vm")
+    fake_squeue.write_text("15_0 RUNNING\n15_1 COMPLETED\n")
+    live = holders(folders)
+    assert list(live) == [folders[0]] and live[folders[0]].job == "15_0"
+    calls = Path(f"{fake_squeue}.calls").read_text().splitlines()
+    assert calls == ["-h -r -j 15_0,15_1,15_2 -o %i %T"]
+
+
 def test_requeued_job_and_its_reservation_take_over(tmp_path: Path, fake_squeue: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_squeue.write_text("PENDING")
+    fake_squeue.write_text("15_0 PENDING")
     reserved = reserve(tmp_path, "15_0")
     assert reserved.reserved and holder(tmp_path) == reserved
     with pytest.raises(RunHeld, match=r"already queued in job 15_0 since \d\d:\d\d$"):
@@ -211,7 +223,7 @@ def test_requeued_job_and_its_reservation_take_over(tmp_path: Path, fake_squeue:
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
     with Lease.acquire(tmp_path) as lease:
         assert lease.holder.job == "15_0" and lease.holder.pid == os.getpid()
-    fake_squeue.write_text("RUNNING")
+    fake_squeue.write_text("15_0 RUNNING")
     _write_lease(tmp_path, job="15_0", restarts=0)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     with Lease.acquire(tmp_path) as lease:

@@ -18,13 +18,22 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from ncsweep.diskspace import guard_write
 from ncsweep.errors import ConfigError
-from ncsweep.liveness import boot_id, job_over, job_state, pid_gone, process_start, slurm_job
+from ncsweep.liveness import (
+    boot_id,
+    job_over,
+    job_state,
+    job_states,
+    pid_gone,
+    process_start,
+    slurm_job,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +133,8 @@ def _snapshot(path: Path) -> tuple[str, float] | None:
         return None
 
 
-def _gone_reason(holder: Holder, me: Holder, stale_after_s: float) -> str | None:
+def _gone_reason(holder: Holder, me: Holder, stale_after_s: float,
+                 state_of: Callable[[str], str | None] = job_state) -> str | None:
     """Why the holder is gone, or None while it may still be writing."""
     if holder.job and holder.job == me.job and holder.reserved:
         return "it was this job's reservation"
@@ -137,7 +147,7 @@ def _gone_reason(holder: Holder, me: Holder, stale_after_s: float) -> str | None
             return "it was this process's own earlier lease"
         gone = pid_gone(holder.pid, holder.proc_start)
         return f"pid {holder.pid} on host {holder.host} {gone}" if gone else None
-    state = job_state(holder.job) if holder.job else None
+    state = state_of(holder.job) if holder.job else None
     if state is not None:
         over = job_over(state)
         return f"job {holder.job} is no longer queued or running ({state})" if over else None
@@ -311,19 +321,31 @@ def _settled(folder: Path, me: Holder, stale_after_s: float) -> bool:
     if not _take_over(path, current[0], content):
         return False
     gone = holder.describe() if holder else "an unreadable lease"
-    log.warning("taking over the lease of %s (%s): %s", folder, gone, reason)
+    own = holder is not None and holder.reserved and holder.job == me.job
+    log.log(logging.INFO if own else logging.WARNING, "taking over the lease of %s (%s): %s",
+            folder, gone, reason)
     return True
 
 
 def holder(folder: Path | str, stale_after_s: float = STALE_AFTER_S) -> Holder | None:
     """Who holds the folder now without taking it; None when nobody live does."""
-    current = _snapshot(Path(folder) / LEASE_FILE)
-    if current is None:
-        return None
-    found, me = _decode(*current), _me(os.getpid())
-    if found is None or (found.host, found.pid) == (me.host, me.pid):
-        return found
-    return None if _gone_reason(found, me, stale_after_s) else found
+    return holders([folder], stale_after_s).get(Path(folder))
+
+
+def holders(folders: Iterable[Path | str],
+            stale_after_s: float = STALE_AFTER_S) -> dict[Path, Holder]:
+    """The live holders among many run folders, with one squeue call for all; free ones absent."""
+    me, found = _me(os.getpid()), {}
+    for folder in map(Path, folders):
+        current = _snapshot(folder / LEASE_FILE)
+        held = _decode(*current) if current else None
+        if held is not None:
+            found[folder] = held
+    jobs = {h.job for h in found.values() if h.job and (h.pid is None or h.host != me.host)}
+    states = (job_states(jobs) if jobs else None) or {}
+    return {folder: held for folder, held in found.items()
+            if (held.host, held.pid) == (me.host, me.pid)
+            or _gone_reason(held, me, stale_after_s, states.get) is None}
 
 
 def reserve(folder: Path | str, job: str, stale_after_s: float = STALE_AFTER_S,

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from ncsweep.cluster import FINISHED_STATES
@@ -13,6 +14,7 @@ from ncsweep.cluster import FINISHED_STATES
 log = logging.getLogger(__name__)
 
 SQUEUE_TIMEOUT_S = 10.0
+SQUEUE_BATCH = 500
 NOT_QUEUED = "not in the queue"
 
 
@@ -66,22 +68,33 @@ def slurm_job() -> tuple[str | None, int]:
 
 def job_state(job: str) -> str | None:
     """The job's state as squeue reports it, NOT_QUEUED, or None when squeue cannot tell."""
+    states = job_states([job])
+    return None if states is None else states[job]
+
+
+def job_states(jobs: Iterable[str]) -> dict[str, str] | None:
+    """Each job's squeue state or NOT_QUEUED, in few squeue calls; None when squeue cannot tell."""
+    wanted = sorted(set(jobs))
+    states = dict.fromkeys(wanted, NOT_QUEUED)
     if shutil.which("squeue") is None:
         return None
-    try:
-        res = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
-                             text=True, timeout=SQUEUE_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        log.warning("squeue could not tell whether job %s still runs: %s", job, error)
-        return None
-    states = res.stdout.split()
-    if res.returncode == 0:
-        return states[0] if states else NOT_QUEUED
-    if "Invalid job id" in res.stderr:
-        return NOT_QUEUED
-    log.warning("squeue could not tell whether job %s still runs: %s", job,
-                (res.stderr.strip().splitlines() or ["no message"])[-1])
-    return None
+    for start in range(0, len(wanted), SQUEUE_BATCH):
+        chunk = ",".join(wanted[start : start + SQUEUE_BATCH])
+        try:
+            res = subprocess.run(["squeue", "-h", "-r", "-j", chunk, "-o", "%i %T"],
+                                 capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.warning("squeue could not tell whether jobs %s still run: %s", chunk[:80], error)
+            return None
+        if res.returncode != 0 and "Invalid job id" not in res.stderr:
+            log.warning("squeue could not tell whether jobs %s still run: %s", chunk[:80],
+                        (res.stderr.strip().splitlines() or ["no message"])[-1])
+            return None
+        for line in res.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in states:
+                states[parts[0]] = parts[1]
+    return states
 
 
 def job_over(state: str) -> bool:
