@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -130,6 +131,8 @@ def test_quota_is_named(tmp_path: Path) -> None:
             guard_write("metrics", path, tmp):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     assert full.value.errno == errno.EDQUOT and not tmp.exists()
+    copy = pickle.loads(pickle.dumps(full.value))
+    assert str(copy) == str(full.value) and copy.free == full.value.free
 
 
 def test_free_bytes_and_human_bytes(tmp_path: Path) -> None:

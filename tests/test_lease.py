@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -18,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from ncsweep.errors import ConfigError
-from ncsweep.lease import LEASE_FILE, Lease, RunHeld, holder, holders, reserve
+from ncsweep.lease import (
+    CLAIM_PREFIX,
+    LEASE_FILE,
+    Lease,
+    LeaseError,
+    RunHeld,
+    holder,
+    holders,
+    reserve,
+)
 
 HOLD = """
 import pathlib, sys, time
@@ -144,6 +155,7 @@ def test_a_live_holder_is_not_taken_over(tmp_path: Path) -> None:
         assert "\n" not in message
         assert f"running as pid {proc.pid} on host {socket.gethostname()} since " in message
         assert holder(tmp_path).pid == proc.pid
+        assert str(pickle.loads(pickle.dumps(held.value))) == message
     finally:
         done.touch()
         proc.communicate(timeout=30)
@@ -172,6 +184,19 @@ def test_same_host_leases_of_a_reused_pid_a_reboot_or_garbage_are_taken_over(
     os.utime(tmp_path / LEASE_FILE, (time.time() - 100, time.time() - 100))
     with caplog.at_level(logging.WARNING, logger="ncsweep.lease"), Lease.acquire(tmp_path):
         assert caplog.records[-1].getMessage().endswith("the lease file is unreadable")
+
+
+def test_a_takeover_left_half_done_is_bounded_then_finished(tmp_path: Path) -> None:
+    lease = _write_lease(tmp_path, host=socket.gethostname(), pid=_dead_pid())
+    digest = hashlib.sha1(lease.read_text().encode()).hexdigest()[:16]
+    claim = tmp_path / f"{CLAIM_PREFIX}{digest}.0"
+    claim.touch()
+    with pytest.raises(LeaseError, match=r"^could not settle the lease of .* within 0.3 s; "):
+        Lease.acquire(tmp_path, wait_s=0.3)
+    os.utime(claim, (time.time() - 100, time.time() - 100))
+    with Lease.acquire(tmp_path) as held:
+        assert held.holder.pid == os.getpid()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LEASE_FILE]
 
 
 def test_stale_heartbeat_on_another_host_is_taken_over(tmp_path: Path, fake_squeue: Path,

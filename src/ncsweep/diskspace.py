@@ -25,12 +25,24 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 class DiskFull(RuntimeError):
     """A write failed for want of space or quota; the message is one line saying what and where."""
 
-    def __init__(self, what: str, path: Path, code: int) -> None:
+    def __init__(self, what: str, path: Path, code: int, free: int | None = None) -> None:
         self.what, self.path, self.errno = what, path, code
-        self.free = free_bytes(path)
+        self.free = _free_or_unknown(path) if free is None else free
         cause = "disk quota exceeded" if code == errno.EDQUOT else "no space left on the device"
-        super().__init__(f"disk full: could not write {what} to {path} ({cause}; "
-                         f"{human_bytes(self.free)} free there)")
+        left = "free space unknown" if self.free < 0 else f"{human_bytes(self.free)} free there"
+        super().__init__(f"disk full: could not write {what} to {path} ({cause}; {left})")
+
+    def __reduce__(self) -> tuple:
+        """Pickle by the constructor's arguments, so the error crosses process boundaries."""
+        return type(self), (self.what, self.path, self.errno, self.free)
+
+
+def _free_or_unknown(path: Path) -> int:
+    """Free bytes where `path` lives, or -1 when even that cannot be asked."""
+    try:
+        return free_bytes(path)
+    except OSError:
+        return -1
 
 
 def free_bytes(path: Path | str) -> int:

@@ -53,6 +53,10 @@ class RunHeld(RuntimeError):
         super().__init__(f"run folder {folder} is already {holder.describe()}")
         self.folder, self.holder = folder, holder
 
+    def __reduce__(self) -> tuple:
+        """Pickle by the constructor's arguments, so the error crosses process boundaries."""
+        return type(self), (self.folder, self.holder)
+
 
 class LeaseError(RuntimeError):
     """The lease could not be settled within the bounded wait; the message is one line."""
@@ -256,10 +260,12 @@ class Lease:
                         self.folder)
 
     def __enter__(self) -> Lease:
+        """The held lease itself."""
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        """Release on leaving the block, however it is left."""
         self.release()
 
     def _beat(self) -> None:
