@@ -95,7 +95,8 @@ def test_append_on_a_full_disk_keeps_whole_lines(small_fs: Path) -> None:
 
 def test_guarded_plain_write_on_a_full_disk(small_fs: Path) -> None:
     path = small_fs / "config.yaml"
-    with pytest.raises(DiskFull) as full, guard_write("the resolved config", path):
+    with pytest.raises(DiskFull) as full, guard_write("the run", small_fs), \
+            guard_write("the resolved config", path):
         path.write_text("k: v\n" * 300_000)
     _assert_one_line(full.value, "the resolved config", path)
 

@@ -81,13 +81,13 @@ def tmp_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def guard_write(what: str, path: Path | str, tmp: Path | None = None) -> Iterator[None]:
-    """Turn a full disk inside the block into DiskFull; on any failure remove `tmp`."""
+    """Turn a full disk in the block into DiskFull (an inner one kept); on failure remove tmp."""
     try:
         yield
     except BaseException as error:
         if tmp is not None:
             _remove(tmp)
-        code = full_errno(error)
+        code = None if isinstance(error, DiskFull) else full_errno(error)
         if code is None:
             raise
         raise DiskFull(what, Path(path), code) from error
