@@ -45,7 +45,7 @@ def _parser() -> OverridesParser:
 
 
 def parse_override(text: str) -> Override:
-    """One command-line override as Hydra reads it; raises Hydra's OverrideParseException."""
+    """One command-line override as Hydra reads it; raises HydraException where it cannot."""
     return _parser().parse_override(text)
 
 
