@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ncsweep.config import ConfigError, check_overrides, register_resolvers
+from ncsweep.config import ConfigError, check_overrides, command_overrides, register_resolvers
+from ncsweep.keys import override_values
 
 register_resolvers()
 
@@ -35,9 +36,10 @@ def launcher_error(args: list[str]) -> str | None:
     """``launcher=slurm|local`` only means something to a sweep: without ``-m`` say what to type."""
     if any(a in ("-m", "--multirun") or a in INSPECTING for a in args):
         return None
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") == "launcher" and value in SWEEP_LAUNCHERS:
+    for override in command_overrides(args):
+        values = override_values(override) or []
+        value = values[0] if len(values) == 1 and not override.is_delete() else None
+        if override.key_or_group == "launcher" and value in SWEEP_LAUNCHERS:
             return (f"launcher={value} applies to sweeps (-m); a single run without -m runs in "
                     f"this process. Type: python -m ncsweep -m {' '.join(args)}")
     return None

@@ -9,11 +9,15 @@ import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
 from ncsweep.errors import ConfigError
+from ncsweep.keys import override_values, parse_override
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 DIM_PATTERN = re.compile(r"^\s*(?:(\d+)\s*\*?\s*)?K\s*(?:([+-])\s*(\d+))?\s*$")
 DIM_ALLOWED = "a positive integer or a K-expression such as K, K-1, K+1, 2K"
@@ -22,8 +26,8 @@ NONFINITE_CHOICES = ("fail", "ignore")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 RUN_KEY_MAX = 96
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
-__all__ = ["ConfigError", "check_overrides", "register_resolvers", "resolve_dim", "run_key",
-           "validate"]
+__all__ = ["ConfigError", "check_overrides", "command_overrides", "read_override",
+           "register_resolvers", "resolve_dim", "run_key", "validate"]
 
 
 def resolve_dim(value: Any, num_classes: int) -> int:
@@ -163,11 +167,12 @@ def _check_ufm(plain: Mapping) -> None:
 
 def check_overrides(args: list[str], conf_dir: Path) -> None:
     """Check group choices and ``dim`` on the command line against conf/, before Hydra runs."""
-    for arg in args:
-        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
+    for override in command_overrides(args):
+        key = override.key_or_group
+        values = override_values(override)
+        not_a_choice = override.is_add() or override.is_force_add() or override.is_delete()
+        if not_a_choice or key.startswith("hydra") or values is None:
             continue
-        key, _, value = arg.partition("=")
-        values = _sweep_values(value)
         group = conf_dir / key
         if key == "dim":
             for item in values:
@@ -179,6 +184,23 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
                     raise ConfigError(key, item, "one of " + ", ".join(options))
 
 
+def command_overrides(args: list[str]) -> list[Override]:
+    """The ``key=value`` overrides of a command line, parsed by Hydra (flags left out)."""
+    return [read_override(arg) for arg in args if "=" in arg and not arg.startswith("-")]
+
+
+def read_override(arg: str) -> Override:
+    """A command-line override parsed by Hydra, or a one-line ConfigError naming it."""
+    from hydra.errors import HydraException
+
+    try:
+        return parse_override(arg)
+    except HydraException as err:
+        reason = str(err).splitlines()[-1] if str(err) else type(err).__name__
+        raise ConfigError("override", arg, f"key=value in Hydra's override grammar ({reason})"
+                          ) from None
+
+
 def group_options(group: Path) -> list[str]:
     """The choices of a config group: its top-level files, not the bases they build on.
 
@@ -186,10 +208,3 @@ def group_options(group: Path) -> list[str]:
     are included through a choice's ``defaults`` list, never chosen on their own.
     """
     return sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def _sweep_values(value: str) -> list[str]:
-    """The plain choices of a simple sweep value ``a,b,c`` (others are left to Hydra)."""
-    if any(ch in value for ch in "()[]{}$'\""):
-        return []
-    return [v.strip() for v in value.split(",") if v.strip()]

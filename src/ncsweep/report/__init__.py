@@ -5,8 +5,9 @@ report.html and PNG figures into DIR (default ``./report``). RUNS are run folder
 (searched recursively), W&B ``offline-run-*`` folders or ``wandb://entity/project[?group=NAME]``.
 The same steps are public functions for notebooks: :func:`load_runs`, :func:`load_history`,
 :func:`claims_table`, :func:`claim_verdicts`, :func:`ufm_table`, the ``*_figure`` functions and
-:func:`write_report`. The modules are the seams: ``sources`` (reading runs, with ``wandb_log``
-and ``wandb_project``), ``claims``, ``figures``, ``document``, ``write`` and ``__main__``.
+:func:`write_report`. The modules are the seams: ``sources`` (reading runs, with ``rows``,
+``wandb_log`` and ``wandb_project``), ``claims``, ``figures``, ``document``, ``tables``,
+``write`` and ``__main__``.
 Run folders are read only through :mod:`ncsweep.tracking`; only finished runs are averaged, and a
 cell only over runs that differ in nothing but the seed (see :mod:`ncsweep.report.claims`).
 """
@@ -23,17 +24,12 @@ from ncsweep.report.claims import (
 )
 from ncsweep.report.conditions import with_conditions
 from ncsweep.report.figures import curves_figure, png_bytes, resources_figure, ufm_figure
-from ncsweep.report.sources import ReportError, load, load_history, load_runs
+from ncsweep.report.rows import ReportError
+from ncsweep.report.sources import load, load_history, load_runs
+from ncsweep.report.tables import format_claims, format_rowspace
 from ncsweep.report.ufm import ufm_suspects, ufm_table
 from ncsweep.report.wandb_log import read_wandb_offline, wandb_offline_files
-from ncsweep.report.write import (
-    format_claims,
-    format_rowspace,
-    groups_of,
-    make_figures,
-    section_title,
-    write_report,
-)
+from ncsweep.report.write import groups_of, make_figures, section_title, write_report
 
 __all__ = [
     "DEFAULT_GROUP_BY", "ReportError", "claim_verdicts", "claims_table", "collapsed_as_far",

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import matplotlib
 
 from ncsweep.report.claims import DEFAULT_GROUP_BY, TOLERANCE_PTS
-from ncsweep.report.sources import ReportError, load
+from ncsweep.report.rows import ReportError
+from ncsweep.report.sources import load
 from ncsweep.report.write import write_report
 
 PROG = "python -m ncsweep.report"

@@ -4,8 +4,8 @@ A cell averages only runs that differ in nothing but ``seed``. Within each ``gro
 the runs are split into conditions by everything else they record (:func:`with_conditions`):
 
 - the experiment-changing overrides (the ``variant`` column: the job's Hydra overrides without
-  seed, head, dim, the choices run.json records as columns, and name, logger, launcher, hydra.*,
-  trainer.resume, trainer.progress, trainer.device);
+  the compared keys, the choices run.json records as columns and the keys that do not change
+  the experiment, all named in :mod:`ncsweep.keys`);
 - ``num_classes`` and every column whose recorded values are all text or yes/no (dataset,
   optim, schedule, experiment, embedding, and summary options such as imbalance, label_noise,
   weights, weights_sha256, freeze), except bookkeeping (name, run_key, path, status, reason,
@@ -29,12 +29,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ncsweep.keys import COMPARED, NOT_EXPERIMENT_COLUMNS, override_key, parse_or_none
+
 NONE = "none"
 NOT_SETTINGS = frozenset({
-    "seed", "head", "dim", "feature_dim", "name", "run_key", "path", "status", "reason",
-    "source", "created", "code_commit", "code_dirty", "launcher", "device", "peak_memory_kind",
-    "variant", "overrides", "format", "diverged", "reached_global_optimum",
-    "spurious_minimum_suspect", "setting", "d_kind", "d_large", "condition", "ensemble"})
+    *COMPARED, *NOT_EXPERIMENT_COLUMNS, "feature_dim", "run_key", "path", "status", "reason",
+    "source", "created", "code_commit", "code_dirty", "peak_memory_kind", "variant",
+    "overrides", "format", "diverged", "reached_global_optimum", "spurious_minimum_suspect",
+    "setting", "d_kind", "d_large", "condition"})
 NUMERIC_SETTINGS = ("num_classes",)
 HEAD_OPTIONS = ("embedding",)
 HEAD_OVERRIDE_PREFIX = "head."
@@ -42,14 +44,25 @@ _WILD = object()
 
 
 def variant_options(variant: object) -> dict[str, str]:
-    """A ``variant`` text as override key -> value (``~key`` deletions keep an empty value)."""
+    """A ``variant`` text as override key -> value, as Hydra reads them (``~key`` deletions keep
+    an empty value)."""
     if not isinstance(variant, str) or not variant.strip():
         return {}
     try:
         tokens = shlex.split(variant, posix=False)
     except ValueError:
         tokens = variant.split()
-    return dict(token.split("=", 1) if "=" in token else (token, "") for token in tokens)
+    return dict(_option(token) for token in tokens)
+
+
+def _option(token: str) -> tuple[str, str]:
+    """One override's key and value as Hydra writes them (text it cannot read: a bare key)."""
+    override = parse_or_none(token)
+    if override is None or override.is_sweep_override():
+        return token, ""
+    if override.is_delete() and override.value() is None:
+        return override_key(override), ""
+    return override_key(override), override.get_value_element_as_str()
 
 
 def setting_columns(frame: pd.DataFrame) -> list[str]:

@@ -3,23 +3,30 @@
 A run folder's identity (dataset, arch, head, loss, optim, dim, seed, embedding, ...) comes from
 its ``run.json`` only and its results from ``summary.json`` and ``metrics.jsonl``, all read
 through :class:`ncsweep.tracking.RunFolder`; a folder without ``run.json`` is listed as
-unreadable. W&B runs are mapped onto the same columns from their summary, which mirrors
-summary.json.
+unreadable. W&B runs are mapped onto the same columns (:mod:`ncsweep.report.rows`) from their
+summary, which mirrors summary.json.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from ncsweep.report.rows import (
+    EXTRA_COLUMNS,
+    HISTORY_ID,
+    ID_COLUMNS,
+    Loaded,
+    ReportError,
+    finish_row,
+    from_wandb_record,
+    is_scalar,
+)
 from ncsweep.report.wandb_log import read_wandb_offline
 from ncsweep.tracking import (
     CONFIG_FILE,
@@ -32,39 +39,10 @@ from ncsweep.tracking import (
 
 logger = logging.getLogger(__name__)
 
-ID_COLUMNS = ("dataset", "arch", "loss", "head", "embedding", "feature_dim", "num_classes",
-              "seed", "optim", "schedule", "dim", "name", "run_key", "path", "status")
-EXTRA_COLUMNS = ("reason", "source", "variant", "diverged", "last_epoch",
-                 "epochs_to_full_train_acc")
-HISTORY_ID = ("name", "run_key", "path", "status", "dataset", "arch", "loss", "head",
-              "embedding", "feature_dim", "num_classes", "dim", "seed", "optim")
 RUN_MARKERS = (RUN_FILE, CONFIG_FILE, SUMMARY_FILE, FAILED, RunFolder.ATTEMPT_FILE)
-NOT_VARIANT = ("seed", "head", "dim", "name", "logger", "launcher", "trainer.ensemble",
-               "trainer.resume",
-               "trainer.progress", "trainer.device", "dataset", "arch", "loss", "optim",
-               "schedule", "experiment")
-NOT_VARIANT_PREFIXES = ("hydra.", "logger.", "launcher.")
 INT_COLUMNS = ("feature_dim", "num_classes", "seed", "epoch", "step", "last_epoch",
                "epochs_to_full_train_acc", "params_total", "params_trainable", "epochs",
                "peak_memory_bytes", "train_memory_bytes", "resumed_from_epoch", "n_per_class")
-FULL_ACC = 1.0 - 1e-9
-_WANDB_PRIVATE = re.compile(r"^_")
-
-
-class ReportError(ValueError):
-    """Input the report cannot use; the message is one line that names the input."""
-
-
-@dataclass
-class Loaded:
-    """What the sources held: one dict per run and one per eval point."""
-
-    runs: list[dict] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)
-
-    def extend(self, other: Loaded) -> None:
-        self.runs.extend(other.runs)
-        self.history.extend(other.history)
 
 
 def load(sources: str | os.PathLike | Iterable[str | os.PathLike]
@@ -195,12 +173,12 @@ def read_run_folder(path: Path) -> Loaded:
     if problem:
         logger.warning("%s: %s", path, problem)
         row.update(status="unreadable", reason=problem)
-        return _finish(row, {}, [])
-    row.update({k: v for k, v in identity.items() if k != "format" and _scalar(v)})
+        return finish_row(row, {}, [])
+    row.update({k: v for k, v in identity.items() if k != "format" and is_scalar(v)})
     summary, broken = _read_json(folder.read_summary, folder.file(SUMMARY_FILE))
     history = folder.read_metrics()
     row["status"], row["reason"] = _folder_status(folder, summary, broken, history)
-    return _finish(row, summary, history, identity.get("overrides"))
+    return finish_row(row, summary, history, identity.get("overrides"))
 
 
 def _read_identity(folder: RunFolder) -> tuple[dict, str | None]:
@@ -226,49 +204,10 @@ def read_offline_run(path: Path) -> Loaded:
         row = dict.fromkeys(ID_COLUMNS)
         row.update(path=str(path.resolve()), status="failed", source="wandb_offline",
                    reason=f"cannot read the offline W&B run: {type(err).__name__}: {err}")
-        return _finish(row, {}, [])
+        return finish_row(row, {}, [])
     return from_wandb_record(record, str(path.resolve()), "wandb_offline",
                              unfinished="no summary in the W&B log: unfinished, or ended "
                                         "without one (failed)")
-
-
-def from_wandb_record(record: Mapping, path: str, source: str, unfinished: str,
-                      state: str | None = None) -> Loaded:
-    """Map a W&B run's config, history and summary onto the run-folder columns."""
-    summary = {k: v for k, v in record["summary"].items() if not _WANDB_PRIVATE.match(k)}
-    config = {k: v for k, v in record["config"].items() if not _WANDB_PRIVATE.match(k)}
-    history = [{k: v for k, v in row.items() if not _WANDB_PRIVATE.match(k)}
-               for row in record["history"]]
-    status = summary.get("status")
-    reason = None
-    if status not in ("done", "dry_run"):
-        status, reason = _wandb_status(state, unfinished)
-    row = _wandb_identity(config, summary)
-    row.update(path=path, status=status, reason=reason, source=source)
-    return _finish(row, summary, history, summary.get("overrides"))
-
-
-def _wandb_status(state: str | None, unfinished: str) -> tuple[str, str]:
-    if state in ("failed", "crashed", "killed"):
-        return "failed", f"W&B run state: {state}"
-    if state == "finished":
-        return "failed", "W&B run finished without an ncsweep summary"
-    return "running", unfinished
-
-
-def _finish(row: dict, summary: Mapping, history: list[dict], overrides: Any = None) -> Loaded:
-    """Add final metrics (only for runs that finished) and stability figures from the history."""
-    if row["status"] in ("done", "dry_run"):
-        for key, value in summary.items():
-            if key not in row and _scalar(value):
-                row[key] = value
-    row["variant"] = _variant(overrides, row.get("run_key"))
-    row["last_epoch"] = history[-1].get("epoch") if history else None
-    row["epochs_to_full_train_acc"] = _epochs_to_full(history)
-    row["diverged"] = _diverged(row, history)
-    ident = {k: row.get(k) for k in HISTORY_ID}
-    points = [{**ident, **{k: v for k, v in h.items() if _scalar(v)}} for h in history]
-    return Loaded([row], points)
 
 
 def _folder_status(folder: RunFolder, summary: Mapping, problem: str | None,
@@ -306,56 +245,3 @@ def _read_json(read: Any, path: Path) -> tuple[dict, str | None]:
         return read(), None
     except (OSError, ValueError) as err:
         return {}, f"{type(err).__name__}: {err}"
-
-
-def _wandb_identity(config: Mapping, summary: Mapping) -> dict:
-    """A W&B run's identity: the summary (a copy of summary.json), else the plain config values."""
-    dataset = config.get("dataset") or {}
-    row: dict[str, Any] = dict.fromkeys(ID_COLUMNS)
-    row.update(name=config.get("name"), seed=config.get("seed"),
-               feature_dim=config.get("feature_dim"),
-               dim=None if config.get("dim") is None else str(config.get("dim")),
-               dataset=dataset.get("name"), num_classes=dataset.get("num_classes"))
-    row.update({k: summary[k] for k in ID_COLUMNS if summary.get(k) is not None})
-    return row
-
-
-def _variant(overrides: Any, key: str | None) -> str:
-    """The overrides that change the experiment, space-separated: all but seed, head and dim.
-
-    Dropped too: choices run.json records as columns (dataset, arch, loss, optim, schedule,
-    experiment) and keys that do not change what is trained (name, logger, launcher, hydra.*,
-    trainer.resume, trainer.progress, trainer.device). A leading ``+`` is dropped, so
-    ``+dataset.imbalance=exp`` and ``dataset.imbalance=exp`` are one variant.
-    """
-    items = list(overrides) if isinstance(overrides, list) else (key or "").split(",")
-    kept = sorted({str(o).lstrip("+") for o in items if _changes_experiment(str(o))})
-    return " ".join(kept)
-
-
-def _changes_experiment(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+")
-    return bool(key) and key not in NOT_VARIANT and not key.startswith(NOT_VARIANT_PREFIXES)
-
-
-def _epochs_to_full(history: list[dict]) -> float | None:
-    for row in history:
-        acc = row.get("train_acc")
-        if isinstance(acc, (int, float)) and acc >= FULL_ACC:
-            return row.get("epoch")
-    return None
-
-
-def _diverged(row: Mapping, history: list[dict]) -> bool:
-    """A non-finite training loss: a NonFiniteLoss failure, or NaN/inf rows that were ignored."""
-    if str(row.get("reason") or "").startswith("NonFiniteLoss"):
-        return True
-    losses = [h.get("train_loss", 0.0) for h in history]
-    if row["status"] == "done":
-        losses.append(row.get("train_loss", 0.0))
-    return any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in losses)
-
-
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
-

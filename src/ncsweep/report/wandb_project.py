@@ -11,7 +11,7 @@ import socket
 import threading
 from urllib.parse import parse_qs, urlsplit
 
-from ncsweep.report.sources import Loaded, ReportError, from_wandb_record
+from ncsweep.report.rows import Loaded, ReportError, from_wandb_record
 
 CONNECT_TIMEOUT_S = 3.0
 API_TIMEOUT_S = 15

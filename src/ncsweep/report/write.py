@@ -14,33 +14,24 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ncsweep.keys import COMPARED, NOT_EXPERIMENT, NOT_EXPERIMENT_PREFIXES
 from ncsweep.report.claims import (
-    BASELINE,
     COLLAPSE_FLOOR,
     COLLAPSE_REL_TOL,
     DEFAULT_GROUP_BY,
-    ROWSPACE_METRICS,
     TOLERANCE_PTS,
     claim_verdicts,
     claims_table,
-    epochs_text,
     not_averaged,
     other_settings,
-    params_text,
     repeated_seeds,
     row_keys,
-    setting_name,
     shown_counts,
 )
 from ncsweep.report.conditions import NONE
 from ncsweep.report.document import Document
-from ncsweep.report.figures import (
-    curves_figure,
-    resources_figure,
-    save_png,
-    setting_label,
-    ufm_figure,
-)
+from ncsweep.report.figures import curves_figure, resources_figure, save_png, ufm_figure
+from ncsweep.report.tables import format_claims, format_rowspace, missing
 from ncsweep.report.ufm import ufm_suspects, ufm_table
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.+-]+")
@@ -80,110 +71,6 @@ def make_figures(runs: pd.DataFrame, history: pd.DataFrame, table: pd.DataFrame,
     if ufm is not None:
         made["ufm.png"] = ufm
     return made
-
-
-def format_claims(table: pd.DataFrame, group: dict, rows: dict | None = None) -> pd.DataFrame:
-    """One group's cells as text: rows are quantities, columns the four head x d settings."""
-    rows = _ROWS if rows is None else rows
-    cells = table
-    for key, value in group.items():
-        cells = cells[cells[key] == value]
-    large = cells.loc[cells["d_kind"] == "large", "feature_dim"].dropna()
-    columns = {}
-    for _, cell in cells.iterrows():
-        label = setting_label(cell["setting"], large.iloc[0] if len(large) else None)
-        columns[label] = _cell_text(cell, rows)
-    return pd.DataFrame(columns, index=list(rows))
-
-
-def format_rowspace(table: pd.DataFrame, group: dict) -> pd.DataFrame | None:
-    """The row-space metrics of one group (what a frozen head's loss sees), None if not logged."""
-    cells = table
-    for key, value in group.items():
-        cells = cells[cells[key] == value]
-    logged = [m for m in ROWSPACE_METRICS if cells[f"{m}_mean"].notna().any()]
-    if not logged:
-        return None
-    return format_claims(table, group, {
-        "finished runs (seeds)": _ROWS["finished runs (seeds)"],
-        **{f"{m} (end)": (lambda c, m=m: _sci(c, m)) for m in logged}})
-
-
-_ROWS = {
-    "finished runs (seeds)": lambda c: f"{c['n_done']} ({c['seeds'] or '-'})",
-    "failed / running / diverged": lambda c: f"{c['n_failed']} / {c['n_running']} / "
-                                             f"{c['n_diverged']}",
-    "test acc, %": lambda c: _pct(c, "test_acc"),
-    "Δ test acc vs baseline, pts": lambda c: _signed(c["test_acc_delta_pts"], ".2f"),
-    "train acc, %": lambda c: _pct(c, "train_acc"),
-    "Δ train acc vs baseline, pts": lambda c: _signed(c["train_acc_delta_pts"], ".2f"),
-    "NC1 (end)": lambda c: _sci(c, "nc1"),
-    "NC2 (nc2_m, end)": lambda c: _sci(c, "nc2_m"),
-    "NC2 orthogonal frame (nc2_of, end)": lambda c: _sci(c, "nc2_of"),
-    "NC3 (end)": lambda c: _sci(c, "nc3"),
-    "NC4 (end)": lambda c: _sci(c, "nc4"),
-    "NC4 on the test set (nc4_test, end)": lambda c: _sci(c, "nc4_test"),
-    "trainable params": lambda c: params_text(c, "params_trainable"),
-    "total params": lambda c: params_text(c, "params_total"),
-    "trainable params saved": lambda c: _signed(c["params_trainable_saved_pct"], ".1f", "%"),
-    "peak memory, MiB": lambda c: _memory(c),
-    "peak memory saved": lambda c: _signed(c["peak_memory_bytes_saved_pct"], ".1f", "%"),
-    "train-step memory, MiB": lambda c: _mib(c, "train_memory_bytes"),
-    "train-step memory saved": lambda c: _signed(c["train_memory_bytes_saved_pct"], ".1f", "%"),
-    "epochs to 100% train acc": lambda c: epochs_text(c) if c["n_done"] else "-",
-}
-
-
-def _cell_text(cell: pd.Series, rows: dict) -> list[str]:
-    if cell["n_done"] == 0:
-        texts = ["-"] * len(rows)
-        texts[0] = "missing (no finished runs)"
-        if "failed / running / diverged" in rows:
-            texts[1] = _ROWS["failed / running / diverged"](cell)
-        return texts
-    texts = [fmt(cell) for fmt in rows.values()]
-    if cell["setting"] == setting_name(*BASELINE):
-        texts = ["baseline" if "vs baseline" in row or "saved" in row else text
-                 for row, text in zip(rows, texts, strict=True)]
-    return texts
-
-
-def _nan(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _pct(cell: pd.Series, metric: str) -> str:
-    mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
-    if _nan(mean):
-        return "-"
-    spread = "" if _nan(std) else f" ± {100 * std:.2f}"
-    return f"{100 * mean:.2f}{spread} (n={cell['n_done']})"
-
-
-def _sci(cell: pd.Series, metric: str) -> str:
-    mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
-    if _nan(mean):
-        return "-"
-    return f"{mean:.3g}" + ("" if _nan(std) else f" ± {std:.2g}")
-
-
-def _signed(value: float, spec: str, unit: str = "") -> str:
-    return "-" if _nan(value) else f"{value:+{spec}}{unit}"
-
-
-def _mib(cell: pd.Series, metric: str) -> str:
-    mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
-    if _nan(mean):
-        return "-"
-    return f"{mean / 2**20:.1f}" + ("" if _nan(std) else f" ± {std / 2**20:.1f}")
-
-
-def _memory(cell: pd.Series) -> str:
-    mean, std = cell["peak_memory_bytes_mean"], cell["peak_memory_bytes_std"]
-    if _nan(mean):
-        return "-"
-    spread = "" if _nan(std) else f" ± {std / 2**20:.1f}"
-    return f"{mean / 2**20:.1f}{spread} ({cell['peak_memory_kind']})"
 
 
 def build_document(runs: pd.DataFrame, table: pd.DataFrame, verdicts: pd.DataFrame,
@@ -272,13 +159,18 @@ def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
                 doc.image(name, f"{title}: {alt}")
 
 
+def _spoken(items: Sequence[str]) -> str:
+    """``a, b and c``."""
+    return f"{', '.join(items[:-1])} and {items[-1]}" if len(items) > 1 else "".join(items)
+
+
 CONDITIONS_TEXT = (
     "A cell averages only runs that differ in nothing but the seed. Runs that differ in anything "
     "else they record are separate sections (conditions), named by what tells them apart (e.g. "
     "`dataset.imbalance=exp`; \"none\" where none of those values is set): the overrides of "
-    "the job other than seed, head and dim (the `variant` column of runs.csv; name, logger, "
-    "launcher, hydra.*, trainer.resume, trainer.progress and trainer.device do not change the "
-    "experiment), num_classes, and every text or yes/no value of run.json and summary.json "
+    f"the job other than {_spoken(COMPARED)} (the `variant` column of runs.csv; "
+    f"{_spoken([*NOT_EXPERIMENT, *(p + '*' for p in NOT_EXPERIMENT_PREFIXES)])} do not change "
+    "the experiment), num_classes, and every text or yes/no value of run.json and summary.json "
     "(dataset, optim, schedule, embedding, data variant, weights, freeze, ...), bookkeeping "
     "such as paths, status and device aside. A missing value is a value of its own (\"none\"); "
     "only a head option a head does not have (the ETF embedding on a learned head) and values a "
@@ -347,10 +239,10 @@ def _ufm_section(doc: Document, runs: pd.DataFrame, has_figure: bool) -> None:
                                   "hessian_min_eig_min": "Hessian min eig",
                                   "n_saddles": "saddles", "n_spurious_suspect": "suspects"})
     for column in ("gap_median", "gap_max", "Hessian min eig", "grad_norm_max"):
-        shown[column] = shown[column].map(lambda v: "-" if _nan(v) else f"{v:.3g}")
+        shown[column] = shown[column].map(lambda v: "-" if missing(v) else f"{v:.3g}")
     shown["d/K"] = shown["d/K"].map(lambda v: f"{v:.3g}")
     shown["at optimum"] = [
-        "-" if _nan(share) else f"{int(count)} ({_share(share)})"
+        "-" if missing(share) else f"{int(count)} ({_share(share)})"
         for count, share in zip(shown["at optimum"], shown["optimum_share"], strict=True)]
     shown["at best"] = [f"{int(count)} ({_share(share)})"
                         for count, share in zip(shown["at best"], shown["best_share"],
