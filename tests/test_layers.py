@@ -111,7 +111,7 @@ def run_layers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch
     with capture([(b.name, b.module) for b in blocks]) as outputs:
         for lo, hi in itertools.pairwise(BATCHES):
             model(x[lo:hi])
-            layers.update(outputs.take(), y[lo:hi])
+            layers.update(outputs.take(), y[lo:hi], copy=False)
         layers.all_reduce()
         if layers.needs_second_pass:
             for lo, hi in itertools.pairwise(BATCHES):
@@ -230,6 +230,7 @@ def test_block_names_per_architecture():
     assert [b.name for b in named_blocks(linear)][-1] == "features"
     ufm = UFMFeatures((4,), feature_dim=4, num_classes=K, n_per_class=2)
     assert named_blocks(ufm) == [] and select_blocks(ufm, "all") == []
+    assert LayerMetrics([], K).compute() == {}
 
 
 def test_selection_and_the_one_line_refusal():

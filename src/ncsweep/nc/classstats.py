@@ -97,10 +97,12 @@ class ClassStats:
             )
         return self.state
 
-    def metrics(self) -> dict[str, float]:
-        """nc1 = tr(Sigma_W Sigma_B^+) / K, the cdnv mean and tr(Sigma_W) / tr(Sigma_B)."""
+    def metrics(self, tile_size: int | None = None) -> dict[str, float]:
+        """nc1 = tr(Sigma_W Sigma_B^+) / K, the cdnv mean and tr(Sigma_W) / tr(Sigma_B);
+        ``tile_size`` overrides this object's (for callers that size one tile for many)."""
         state = self.require_all_classes()
-        tile = self.tile_size or default_tile_size(self.num_classes, state.means.device)
+        tile = (check_tile_size(tile_size) or self.tile_size
+                or default_tile_size(self.num_classes, state.means.device))
         sigma_w = symmetric_from_upper(state.scatter) / state.counts.sum()
         values = separation_metrics(state.counts, state.means, state.sq_dev, sigma_w, tile)
         stacked = torch.stack([values[k] for k in SEPARATION_KEYS]).cpu().tolist()

@@ -20,14 +20,17 @@ the pseudo-inverse cut-off); a block's nc1, cdnv and trace_ratio equal ``nc_metr
 the same name on that block's features. Convolutional outputs enter as per-channel means
 (``ncsweep.nc.probe``).
 
-Use, in the eval passes the run already makes (``probe.capture`` collects the blocks' outputs)::
+Use, in the eval passes the run already makes (no extra forward pass while the kept block
+features fit ``max_feature_bytes``)::
 
-    layers = LayerMetrics(names, num_classes, depths)
-    for x, y in train_batches: model(x); layers.update(outputs, y)
-    layers.all_reduce()                       # across ranks; a no-op in one process
-    if layers.needs_second_pass:              # the kept block features outgrew their budget
-        for x, y in train_batches: model(x); layers.update_train_ncc(outputs, y)
-    for x, y in test_batches: model(x); layers.update_test(outputs, y)
+    blocks = select_blocks(model, selection)                  # ncsweep.nc.blocks
+    layers = LayerMetrics([b.name for b in blocks], num_classes, [b.depth for b in blocks])
+    with capture([(b.name, b.module) for b in blocks]) as outputs:     # ncsweep.nc.probe
+        for x, y in train_batches: model(x); layers.update(outputs.take(), y, copy=False)
+        layers.all_reduce()                   # across ranks; a no-op in one process
+        if layers.needs_second_pass:          # the kept block features outgrew their budget
+            for x, y in train_batches: model(x); layers.update_train_ncc(outputs.take(), y)
+        for x, y in test_batches: model(x); layers.update_test(outputs.take(), y)
     row |= layers.compute()                   # collective after all_reduce
 """
 
@@ -44,7 +47,7 @@ import torch
 from ncsweep import distributed
 from ncsweep.nc.centres import NearestCentreTally, accuracy
 from ncsweep.nc.classstats import ClassStats
-from ncsweep.nc.tensors import ArrayLike, as_tensor
+from ncsweep.nc.tensors import ArrayLike, as_tensor, check_tile_size, default_tile_size
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -104,7 +107,7 @@ class LayerMetrics:
             raise ValueError(f"got {len(self.depths)} depths for {len(self.blocks)} blocks")
         self.num_classes = int(num_classes)
         self.max_feature_bytes = int(max_feature_bytes)
-        self.tile_size = tile_size
+        self.tile_size = check_tile_size(tile_size)
         self.stats = {name: ClassStats(num_classes, tile_size) for name in self.blocks}
         self._kept: list[tuple[dict[str, torch.Tensor], torch.Tensor]] | None = []
         self._kept_bytes = 0
@@ -113,15 +116,20 @@ class LayerMetrics:
         self._reduced = False
         self._group: ProcessGroup | None = None
 
-    def update(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
-        """Add a train batch: each block's (N, d_block) features and the batch's labels."""
+    def update(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
+               copy: bool = True) -> None:
+        """Add a train batch: each block's (N, d_block) features and the batch's labels.
+
+        ``copy=False`` keeps the given tensors themselves for ncc_acc_train (no copy): for
+        features nothing else will change, such as ``BlockOutputs.take()``'s.
+        """
         if self._frozen:
             raise ValueError("update after all_reduce or after scoring began: finish the train "
                              "pass first")
         batch = self._batch(features, labels)
         for name, feats in batch.items():
             self.stats[name].update(feats, labels)
-        self._keep(batch, labels)
+        self._keep(batch, labels, copy)
 
     def update_train_ncc(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
         """Second pass over the same train data: ncc_acc_train against the final class means."""
@@ -180,9 +188,15 @@ class LayerMetrics:
 
     def compute(self) -> dict[str, float]:
         """Every block's keys and the data-separation fit (collective after ``all_reduce``)."""
+        if not self.blocks:
+            return {}
+        tile = self.tile_size
+        if tile is None:
+            device = self.stats[self.blocks[0]].require_all_classes().means.device
+            tile = default_tile_size(self.num_classes, device)
         values: dict[str, float] = {}
         for name in self.blocks:
-            for key, value in self.stats[name].metrics().items():
+            for key, value in self.stats[name].metrics(tile).items():
                 values[layer_key(name, key)] = value
         splits = {"ncc_acc_train": self._train_tallies()}
         if self._test is not None:
@@ -218,7 +232,7 @@ class LayerMetrics:
             raise ValueError(f"blocks have different sample counts in one batch: {n}")
         return batch
 
-    def _keep(self, batch: dict[str, torch.Tensor], labels: ArrayLike) -> None:
+    def _keep(self, batch: dict[str, torch.Tensor], labels: ArrayLike, copy: bool) -> None:
         """Keep copies of the batch for ncc_acc_train while within budget; drop all past it."""
         if self._kept is None:
             return
@@ -228,7 +242,9 @@ class LayerMetrics:
         if self._kept_bytes + size > self.max_feature_bytes:
             self._kept, self._kept_bytes = None, 0
             return
-        self._kept.append(({name: t.clone() for name, t in batch.items()}, labs.clone()))
+        if copy:
+            batch, labs = {name: t.clone() for name, t in batch.items()}, labs.clone()
+        self._kept.append((batch, labs))
         self._kept_bytes += size
 
     def _score(self, tallies: dict[str, NearestCentreTally] | None,
