@@ -117,8 +117,9 @@ def run_layers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch
             for lo, hi in itertools.pairwise(BATCHES):
                 model(x[lo:hi])
                 layers.update_train_ncc(outputs.take(), y[lo:hi])
-        model(x_test)
-        layers.update_test(outputs.take(), y_test)
+        if len(y_test):
+            model(x_test)
+            layers.update_test(outputs.take(), y_test)
     return layers.compute(), layers
 
 
@@ -259,8 +260,9 @@ def float64_mlp_problem() -> tuple[nn.Module, tuple, tuple]:
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One rank: its shard of the MLP's train and test data (rank 0 without class K-1; rank 1
-    keeps no features, so every rank runs the second pass); results to out_dir/rank<r>.json."""
+    """One rank: its shard of the MLP's train data (rank 0 without class K-1; rank 1 keeps no
+    features, so every rank runs the second pass) and of the test data (all on rank 0);
+    results to out_dir/rank<r>.json."""
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=world,
                                          timeout=timedelta(seconds=60))
@@ -268,7 +270,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     model, (x, y), (x_test, y_test) = float64_mlp_problem()
     mine = (torch.arange(N_TRAIN) < 30) & (y != K - 1)
     mine = mine if rank == 0 else ~mine
-    test_mine = torch.arange(N_TEST) < 10 if rank == 0 else torch.arange(N_TEST) >= 10
+    test_mine = torch.full((N_TEST,), rank == 0)
     metrics, layers = run_layers(model, x[mine], y[mine], x_test[test_mine],
                                  y_test[test_mine], max_feature_bytes=0 if rank == 1 else 2**30)
     out = {"metrics": metrics, "kept": layers.memory_bytes()["kept_features"]}

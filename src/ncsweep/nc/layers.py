@@ -199,8 +199,9 @@ class LayerMetrics:
             for key, value in self.stats[name].metrics(tile).items():
                 values[layer_key(name, key)] = value
         splits = {"ncc_acc_train": self._train_tallies()}
-        if self._test is not None:
-            splits["ncc_acc_test"] = self._test
+        test = self._test if not self._reduced else self._test_everywhere()
+        if test is not None:
+            splits["ncc_acc_test"] = test
         tally = torch.stack([split[name].tally.cpu() for split in splits.values()
                              for name in self.blocks])
         if self._reduced:
@@ -212,6 +213,17 @@ class LayerMetrics:
                 values[layer_key(name, key)] = accuracy(next(rows))
         nc1 = [values[layer_key(name, "nc1")] for name in self.blocks]
         return values | data_separation_fit(self.depths, nc1)
+
+    def _test_everywhere(self) -> dict[str, NearestCentreTally] | None:
+        """The test tallies, empty ones on a rank without test batches where another rank had
+        some, so every rank reduces the same tallies."""
+        seen = torch.tensor([int(self._test is not None)], dtype=torch.int64,
+                            device=distributed.collective_device(self._group))
+        anywhere = bool(distributed.all_reduce_max(seen, self._group)[0])
+        if self._test is None and anywhere:
+            self._test = {name: NearestCentreTally(self.stats[name].require_all_classes())
+                          for name in self.blocks}
+        return self._test
 
     @property
     def _frozen(self) -> bool:
