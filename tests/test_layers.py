@@ -24,6 +24,8 @@ from ncsweep.errors import ConfigError
 from ncsweep.models import MLP, ResNet, UFMFeatures
 from ncsweep.nc import nc_metrics
 from ncsweep.nc.blocks import named_blocks, select_blocks
+from ncsweep.nc.centres import NearestCentreTally
+from ncsweep.nc.classstats import ClassStats
 from ncsweep.nc.layers import LayerMetrics, data_separation_fit, layer_key
 from ncsweep.nc.probe import capture
 
@@ -211,6 +213,20 @@ def test_merge_equals_one_accumulator_over_both(case):
     assert got.keys() == case["got"].keys()
     for key, value in case["got"].items():
         assert got[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_nearest_centre_tallies_merge_by_addition():
+    rng = np.random.default_rng(4)
+    y = np.arange(60) % K
+    h = rng.standard_normal((K, 5))[y] + rng.standard_normal((60, 5))
+    stats = ClassStats(K)
+    stats.update(h, y)
+    one, first, second = (NearestCentreTally(stats.state) for _ in range(3))
+    one.update(h, y)
+    first.update(h[:25], y[:25])
+    second.update(h[25:], y[25:])
+    assert torch.equal(first.merge(second).tally, one.tally)
+    assert one.tally.tolist() == [round(reference(h, y, h, y)["ncc_acc_train"] * 60), 60]
 
 
 def test_capture_removes_its_hooks_and_refuses_a_silent_block():

@@ -7,6 +7,8 @@ lowest class index. Only tallies (correct, samples) are kept, so they merge by a
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ncsweep.nc.geometry import centred_means
@@ -59,8 +61,7 @@ class NearestCentreTally:
         """A tally over both inputs' samples; both must score against the same class means."""
         if not (torch.equal(self.proj, other.proj) and torch.equal(self.mu_g, other.mu_g)):
             raise ValueError("merge needs NearestCentreTally objects of the same class means")
-        out = object.__new__(NearestCentreTally)
-        out.mu_g, out.proj, out.offsets = self.mu_g, self.proj, self.offsets
+        out = copy.copy(self)
         out.tally = self.tally + other.tally.to(self.tally.device)
         return out
 

@@ -46,7 +46,7 @@ class ClassStats:
 
     def update(self, features: ArrayLike, labels: ArrayLike) -> None:
         """Add a batch of (N, d) features with their labels, any order, size or dtype."""
-        feats, labs = self.batch(features, labels)
+        feats, labs = self._batch(features, labels)
         if feats.shape[0] == 0:
             return
         if self.state is None:
@@ -55,7 +55,7 @@ class ClassStats:
         for rows, x in float64_chunks(feats, step):
             self.state = add_chunk(self.state, x, labs[rows])
 
-    def batch(self, features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated (features, int64 labels) on the state's device, of the state's width."""
         feats = as_features(features, None if self.state is None else self.state.means)
         labs = as_tensor(labels, feats.device)
