@@ -1,4 +1,5 @@
-"""The NC geometry from accumulated float64 state: NC1-NC3, the row space, nc2_of, cdnv."""
+"""The NC geometry from accumulated float64 state: NC1-NC3, the row space, nc2_of, cdnv, and
+the classifier-free keys of any layer (separation_metrics)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,32 @@ def geometry_metrics(
         "w_norm_mean": w_norms.mean(),
         "m_norm_mean": m_norms.mean(),
         "nc2_of": pairs_m["of"],
+    }
+
+
+def separation_metrics(
+    counts: torch.Tensor,
+    means: torch.Tensor,
+    sq_dev: torch.Tensor,
+    sigma_w: torch.Tensor,
+    tile: int,
+) -> dict[str, torch.Tensor]:
+    """nc1, cdnv and trace_ratio, the keys that need no classifier, so any layer has them.
+
+    They equal ``geometry_metrics``' keys of the same name; a zero row of M (a class mean at
+    the global mean) is allowed here, since none of the three needs its direction.
+    """
+    m = centred_means(counts, means)[1]
+    trace_b = m.square().sum() / m.shape[0]
+    if float(trace_b) == 0.0:
+        raise ValueError("all class means coincide: Sigma_B is zero, so nc1 is undefined")
+    norms = torch.linalg.vector_norm(m, dim=1)
+    pairs = symmetric_pairs(m, tile, "M M^T", norms=torch.where(norms > 0, norms, 1.0),
+                            variances=sq_dev / counts)
+    return {
+        "nc1": _nc1(m, counts, sigma_w),
+        "cdnv": pairs["cdnv"],
+        "trace_ratio": sigma_w.trace() / trace_b,
     }
 
 

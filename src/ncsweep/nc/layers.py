@@ -1,0 +1,288 @@
+"""Collapse through depth: streaming NC metrics of every named block, and the law of data
+separation (He & Su 2023) fitted over the blocks.
+
+Keys, for each block ``<block>`` (names per architecture: ``ncsweep.nc.blocks``):
+
+- ``layers/<block>/nc1``: tr(Sigma_W Sigma_B^+) / K of the block's train features.
+- ``layers/<block>/cdnv``: the mean over pairs k < l of (var_k + var_l) / (2 ||mu_k - mu_l||^2).
+- ``layers/<block>/trace_ratio``: tr(Sigma_W) / tr(Sigma_B).
+- ``layers/<block>/ncc_acc_train``: the share of train samples whose nearest train class mean
+  (Euclidean, in the block's features) is their label.
+- ``layers/<block>/ncc_acc_test``: the same for the test samples, against the TRAIN class
+  means; present only when test batches were given.
+- ``layers_decay_ratio``, ``layers_r2``: the least-squares line log10(nc1_l) = a + s l over the
+  blocks' depths l (their positions in the architecture's full block list): 10^s, the factor by
+  which nc1 shrinks per block, and the line's R^2. Both are left out with fewer than two blocks
+  or where some nc1 is not a positive finite number (its logarithm is undefined).
+
+The formulas and conventions are those of ``ncsweep.nc`` (float64 state, Chan et al.'s merge,
+the pseudo-inverse cut-off); a block's nc1, cdnv and trace_ratio equal ``nc_metrics``' keys of
+the same name on that block's features. Convolutional outputs enter as per-channel means
+(``ncsweep.nc.probe``).
+
+Use, in the eval passes the run already makes (no extra forward pass while the kept block
+features fit ``max_feature_bytes``)::
+
+    blocks = select_blocks(model, selection)                  # ncsweep.nc.blocks
+    layers = LayerMetrics([b.name for b in blocks], num_classes, [b.depth for b in blocks])
+    with capture([(b.name, b.module) for b in blocks]) as outputs:     # ncsweep.nc.probe
+        for x, y in train_batches: model(x); layers.update(outputs.take(), y, copy=False)
+        layers.all_reduce()                   # across ranks; a no-op in one process
+        if layers.needs_second_pass:          # the kept block features outgrew their budget
+            for x, y in train_batches: model(x); layers.update_train_ncc(outputs.take(), y)
+        for x, y in test_batches: model(x); layers.update_test(outputs.take(), y)
+    row |= layers.compute()                   # collective after all_reduce
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ncsweep import distributed
+from ncsweep.nc.centres import NearestCentreTally, accuracy
+from ncsweep.nc.classstats import ClassStats
+from ncsweep.nc.tensors import ArrayLike, as_tensor, check_tile_size, default_tile_size
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "layers"
+BLOCK_KEYS = ("nc1", "cdnv", "trace_ratio", "ncc_acc_train", "ncc_acc_test")
+FIT_KEYS = ("layers_decay_ratio", "layers_r2")
+
+
+def layer_key(block: str, metric: str) -> str:
+    """The logged key of one block's metric, ``layers/<block>/<metric>``."""
+    return f"{PREFIX}/{block}/{metric}"
+
+
+def data_separation_fit(depths: Sequence[float], nc1: Sequence[float]) -> dict[str, float]:
+    """``layers_decay_ratio`` (10^slope) and ``layers_r2`` of log10(nc1) on depth by least
+    squares; empty with fewer than two points or a non-positive or non-finite nc1.
+
+    R^2 = 1 - SS_res / SS_tot, and 1 when all log10(nc1) are equal (the flat line fits exactly).
+    """
+    if len(depths) != len(nc1):
+        raise ValueError(f"got {len(depths)} depths for {len(nc1)} nc1 values")
+    if len(nc1) < 2 or not all(math.isfinite(v) and v > 0 for v in nc1):
+        logger.debug("no data-separation fit over nc1 = %s", list(nc1))
+        return {}
+    x = np.asarray(depths, dtype=np.float64)
+    y = np.log10(np.asarray(nc1, dtype=np.float64))
+    if np.unique(x).size < 2:
+        raise ValueError(f"the data-separation fit needs distinct depths, got {list(depths)}")
+    dx, dy = x - x.mean(), y - y.mean()
+    slope = float(dx @ dy / (dx @ dx))
+    ss_tot = float(dy @ dy)
+    ss_res = float(np.square(dy - slope * dx).sum())
+    r2 = 1.0 if ss_tot == 0.0 else 1.0 - ss_res / ss_tot
+    return {"layers_decay_ratio": 10.0**slope, "layers_r2": r2}
+
+
+class LayerMetrics:
+    """The per-block metrics of one model over the eval passes: one ``ClassStats`` per block,
+    the blocks' train features kept for ``ncc_acc_train`` while within ``max_feature_bytes``
+    (else a second pass), and ``NearestCentreTally`` counts for the train and test splits.
+
+    Across ranks: ``update`` with the rank's shard, ``all_reduce()``, the second pass if
+    needed, ``update_test``, then ``compute`` on every rank (collective).
+    """
+
+    def __init__(self, blocks: Sequence[str], num_classes: int,
+                 depths: Sequence[int] | None = None, max_feature_bytes: int = 512 * 2**20,
+                 tile_size: int | None = None) -> None:
+        self.blocks = tuple(blocks)
+        if len(set(self.blocks)) != len(self.blocks):
+            raise ValueError(f"block names must be distinct, got {list(self.blocks)}")
+        self.depths = tuple(range(len(self.blocks))) if depths is None else tuple(depths)
+        if len(self.depths) != len(self.blocks):
+            raise ValueError(f"got {len(self.depths)} depths for {len(self.blocks)} blocks")
+        self.num_classes = int(num_classes)
+        self.max_feature_bytes = int(max_feature_bytes)
+        self.tile_size = check_tile_size(tile_size)
+        self.stats = {name: ClassStats(num_classes, tile_size) for name in self.blocks}
+        self._kept: list[tuple[dict[str, torch.Tensor], torch.Tensor]] | None = []
+        self._kept_bytes = 0
+        self._train: dict[str, NearestCentreTally] | None = None
+        self._test: dict[str, NearestCentreTally] | None = None
+        self._reduced = False
+        self._group: ProcessGroup | None = None
+
+    def update(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
+               copy: bool = True) -> None:
+        """Add a train batch: each block's (N, d_block) features and the batch's labels.
+
+        ``copy=False`` keeps the given tensors themselves for ncc_acc_train (no copy): for
+        features nothing else will change, such as ``BlockOutputs.take()``'s.
+        """
+        if self._frozen:
+            raise ValueError("update after all_reduce or after scoring began: finish the train "
+                             "pass first")
+        batch = self._batch(features, labels)
+        for name, feats in batch.items():
+            self.stats[name].update(feats, labels)
+        self._keep(batch, labels, copy)
+
+    def update_train_ncc(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
+        """Second pass over the same train data: ncc_acc_train against the final class means."""
+        if self._kept is not None:
+            raise ValueError("update_train_ncc is for a second pass; the train features were "
+                             "kept (needs_second_pass is False)")
+        self._train = self._score(self._train, features, labels)
+
+    def update_test(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
+        """Add a test batch: ncc_acc_test against the train class means (pass 1 must be done)."""
+        self._test = self._score(self._test, features, labels)
+
+    def merge(self, other: LayerMetrics) -> LayerMetrics:
+        """New metrics over both inputs' train data; both must still be in the train pass."""
+        if not isinstance(other, LayerMetrics) or (other.blocks, other.num_classes) != (
+                self.blocks, self.num_classes):
+            raise ValueError("merge needs LayerMetrics of the same blocks and num_classes")
+        if self._frozen or other._frozen:
+            raise ValueError("merge train-pass state only: before all_reduce and any scoring")
+        out = LayerMetrics(self.blocks, self.num_classes, self.depths, self.max_feature_bytes,
+                           self.tile_size)
+        out.stats = {name: self.stats[name].merge(other.stats[name]) for name in self.blocks}
+        if self._kept is None or other._kept is None or (
+                self._kept_bytes + other._kept_bytes > out.max_feature_bytes):
+            out._kept = None
+        else:
+            out._kept = [*self._kept, *other._kept]
+            out._kept_bytes = self._kept_bytes + other._kept_bytes
+        return out
+
+    def all_reduce(self, group: ProcessGroup | None = None) -> None:
+        """Replace every block's moments by the group's (collective); if any rank dropped its
+        kept features, all do. A no-op outside a distributed run."""
+        if not distributed.is_distributed(group):
+            return
+        if self._frozen:
+            raise ValueError("all_reduce once, after the train pass and before any scoring")
+        for stats in self.stats.values():
+            stats.all_reduce(group)
+        dropped = torch.tensor([int(self._kept is None)], dtype=torch.int64,
+                               device=distributed.collective_device(group))
+        if int(distributed.all_reduce_max(dropped, group)[0]):
+            self._kept, self._kept_bytes = None, 0
+        self._reduced, self._group = True, group
+
+    @property
+    def needs_second_pass(self) -> bool:
+        """True when the kept features outgrew the budget: run update_train_ncc before compute."""
+        return self._kept is None and self._train is None
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held in tensors: the blocks' moments and the kept train features."""
+        states = [s.state for s in self.stats.values() if s.state is not None]
+        return {"state": sum(t.numel() * t.element_size() for s in states for t in s),
+                "kept_features": self._kept_bytes}
+
+    def compute(self) -> dict[str, float]:
+        """Every block's keys and the data-separation fit (collective after ``all_reduce``)."""
+        if not self.blocks:
+            return {}
+        tile = self.tile_size
+        if tile is None:
+            device = self.stats[self.blocks[0]].require_all_classes().means.device
+            tile = default_tile_size(self.num_classes, device)
+        values: dict[str, float] = {}
+        for name in self.blocks:
+            for key, value in self.stats[name].metrics(tile).items():
+                values[layer_key(name, key)] = value
+        splits = {"ncc_acc_train": self._train_tallies()}
+        test = self._test if not self._reduced else self._test_everywhere()
+        if test is not None:
+            splits["ncc_acc_test"] = test
+        tally = torch.stack([split[name].tally.cpu() for split in splits.values()
+                             for name in self.blocks])
+        if self._reduced:
+            device = distributed.collective_device(self._group)
+            tally = distributed.all_reduce_sum(tally.to(device), self._group).cpu()
+        rows = iter(tally)
+        for key in splits:
+            for name in self.blocks:
+                values[layer_key(name, key)] = accuracy(next(rows))
+        nc1 = [values[layer_key(name, "nc1")] for name in self.blocks]
+        return values | data_separation_fit(self.depths, nc1)
+
+    def _test_everywhere(self) -> dict[str, NearestCentreTally] | None:
+        """The test tallies, empty ones on a rank without test batches where another rank had
+        some, so every rank reduces the same tallies."""
+        seen = torch.tensor([int(self._test is not None)], dtype=torch.int64,
+                            device=distributed.collective_device(self._group))
+        anywhere = bool(distributed.all_reduce_max(seen, self._group)[0])
+        if self._test is None and anywhere:
+            self._test = {name: NearestCentreTally(self.stats[name].require_all_classes())
+                          for name in self.blocks}
+        return self._test
+
+    @property
+    def _frozen(self) -> bool:
+        return self._reduced or self._train is not None or self._test is not None
+
+    def _batch(self, features: Mapping[str, ArrayLike],
+               labels: ArrayLike) -> dict[str, torch.Tensor]:
+        """The batch's features by block, every block present and of one sample count."""
+        missing = [name for name in self.blocks if name not in features]
+        if missing:
+            raise ValueError(
+                f"no features for block(s) {missing} in this batch (got {sorted(features)}); "
+                "was the forward pass run inside probe.capture, and not compiled past the hooks?"
+            )
+        batch = {name: as_tensor(features[name]) for name in self.blocks}
+        n = {name: int(t.shape[0]) for name, t in batch.items()}
+        if len(set(n.values())) > 1:
+            raise ValueError(f"blocks have different sample counts in one batch: {n}")
+        return batch
+
+    def _keep(self, batch: dict[str, torch.Tensor], labels: ArrayLike, copy: bool) -> None:
+        """Keep copies of the batch for ncc_acc_train while within budget; drop all past it."""
+        if self._kept is None:
+            return
+        labs = as_tensor(labels)
+        tensors = [*batch.values(), labs]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self._kept_bytes + size > self.max_feature_bytes:
+            self._kept, self._kept_bytes = None, 0
+            return
+        if copy:
+            batch, labs = {name: t.clone() for name, t in batch.items()}, labs.clone()
+        self._kept.append((batch, labs))
+        self._kept_bytes += size
+
+    def _score(self, tallies: dict[str, NearestCentreTally] | None,
+               features: Mapping[str, ArrayLike],
+               labels: ArrayLike) -> dict[str, NearestCentreTally]:
+        """Tallies updated with one batch, made on first use from the final train means."""
+        if tallies is None:
+            tallies = {name: NearestCentreTally(self.stats[name].require_all_classes())
+                       for name in self.blocks}
+        for name, feats in self._batch(features, labels).items():
+            tallies[name].update(feats, labels)
+        return tallies
+
+    def _train_tallies(self) -> dict[str, NearestCentreTally]:
+        """The train tallies: from the second pass, or scored now on the kept features."""
+        if self._train is not None:
+            return self._train
+        if self._kept is None:
+            raise ValueError(
+                f"ncc_acc_train needs a second pass: the block features exceeded "
+                f"max_feature_bytes={self.max_feature_bytes} and were not kept; call "
+                f"update_train_ncc over the same train data before compute"
+            )
+        tallies = {name: NearestCentreTally(self.stats[name].require_all_classes())
+                   for name in self.blocks}
+        for batch, labels in self._kept:
+            for name, feats in batch.items():
+                tallies[name].update(feats, labels)
+        return tallies

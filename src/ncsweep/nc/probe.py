@@ -1,0 +1,73 @@
+"""Forward hooks that collect named blocks' outputs during a forward pass the run makes anyway.
+
+A convolutional output (N, C, H, W) enters as its per-channel spatial means (N, C), in float64:
+global average pooling is the standard reduction of a feature map in the layer-wise collapse
+literature (it is what the network's own head sees after its last stage), its width C does not
+depend on the input size, and the full map would be C*H*W-dimensional (64 x 32 x 32 = 65,536
+features at ResNet18's first stage on 32 x 32 inputs: a 34 GB float64 scatter). Any other output is
+flattened to (N, -1) and copied, so later in-place operations of the network cannot change it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def pool(output: torch.Tensor) -> torch.Tensor:
+    """A block's output as (N, features): float64 per-channel means of a 4-D map, else a
+    flattened copy."""
+    output = output.detach()
+    if output.ndim == 4:
+        return output.mean(dim=(2, 3), dtype=torch.float64)
+    return output.flatten(1).clone()
+
+
+class BlockOutputs:
+    """The pooled outputs of the hooked blocks from the latest forward pass, by block name."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        """The forward hook that stores a module's (last) output under ``name``."""
+        def store(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"block {name!r} ({type(module).__name__}) returned "
+                                f"{type(output).__name__}, not a tensor")
+            self._outputs[name] = pool(output)
+        return store
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The outputs of the forward pass since the last take, and clear them, so a stale
+        batch can never be paired with new labels; refused if a block produced nothing."""
+        outputs, self._outputs = self._outputs, {}
+        missing = [name for name in self.names if name not in outputs]
+        if missing:
+            raise RuntimeError(
+                f"block(s) {missing} produced no output in this forward pass: run the model "
+                "inside capture(...), and without torch.compile past the hooked modules"
+            )
+        return outputs
+
+
+@contextlib.contextmanager
+def capture(blocks: Sequence[tuple[str, nn.Module]]) -> Iterator[BlockOutputs]:
+    """Hook every (name, module) block for the ``with`` body; the hooks are removed on exit.
+
+    ``with capture(blocks) as outputs: model(x); layers.update(outputs.take(), y)``.
+    """
+    outputs = BlockOutputs([name for name, _ in blocks])
+    handles = []
+    try:
+        for name, module in blocks:
+            handles.append(module.register_forward_hook(outputs.hook(name)))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
