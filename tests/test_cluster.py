@@ -25,7 +25,7 @@ from ncsweep.cluster import (
 )
 from ncsweep.config import ConfigError
 from ncsweep.launcher import AUTO_DEFAULTS
-from tests.conftest import run_cli, sacct_state
+from tests.support import run_cli, sacct_state
 
 TINY = ["logger=none", "trainer.epochs=3", "trainer.eval_every=3", "arch.width=32"]
 SMALL = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.poll_s=0.5"]

@@ -20,7 +20,7 @@ from ncsweep.errors import ConfigError
 from ncsweep.launcher.plan import ranks
 from ncsweep.tracking import RunFolder
 from ncsweep.training import Trainer
-from tests.conftest import compose_cfg, run_cli, sacct_state, sweep_job_ids, wait_for_rows
+from tests.support import compose_cfg, run_cli, sacct_state, sweep_job_ids, wait_for_rows
 
 MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "seed=0",
        "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",

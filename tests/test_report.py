@@ -35,7 +35,7 @@ from ncsweep.report import (
 from ncsweep.report.__main__ import main
 from ncsweep.report.wandb_log import HEADER, read_wandb_offline, wandb_offline_files
 from ncsweep.tracking import RunFolder
-from tests.conftest import ROOT, run_cli
+from tests.support import ROOT, run_cli
 
 TINY = ["trainer.epochs=2", "trainer.eval_every=1", "arch.width=32", "trainer.progress=false"]
 VARIANT = ["-m", "head=etf,learned", "dim=K,512", "dataset.test_fraction=0.3", *TINY,

@@ -11,44 +11,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 from ncsweep.tracking import RunFolder
-from tests.conftest import API_KEY, get_json, run_cli
+from tests.support import API_KEY, folder_steps, run_cli, run_id_of, same_points, server_steps
 
 TINY = ["trainer.epochs=4", "trainer.eval_every=2", "arch.width=32", "trainer.progress=false"]
-
-
-def server_steps(url: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of every point the server stored for ``key``, in step order."""
-    try:
-        metrics = get_json(f"{url}/api/v2/runs/{run_id}/metrics?key={key}")["metrics"]
-    except urllib.error.HTTPError:
-        return []
-    return sorted((int(m["step"]), float(m["value"])) for m in metrics)
-
-
-def folder_steps(folder: RunFolder, key: str) -> list[tuple[int, float]]:
-    return [(int(r["epoch"]), float(r[key])) for r in folder.read_metrics()]
-
-
-def run_id_of(folder: RunFolder) -> str:
-    """The W&B run id the run used, from its own record file ``run-<id>.wandb``."""
-    ids = {p.name[len("run-"):-len(".wandb")] for p in folder.path.glob("wandb/*/run-*.wandb")}
-    assert len(ids) == 1, ids
-    return ids.pop()
-
-
-def same_points(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
-    """Same steps, each once, and the same values (the server stores float64 of a float32)."""
-    return ([s for s, _ in got] == [s for s, _ in expected]
-            and [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6))
 
 
 def _until(check: Callable[[], bool], limit: float = 30) -> bool:
