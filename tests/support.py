@@ -100,6 +100,16 @@ def exits_within(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str
                     f"{tail(err)}", pytrace=False)
 
 
+def wait_until(check: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    """Poll ``check`` until it holds; after ``timeout`` seconds the test fails with ``what``
+    (the state that was not reached)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} (waited {timeout:.0f} s)", pytrace=False)
+        time.sleep(every)
+
+
 def returns_within(timeout: float, call: Callable[[], T], what: str) -> T:
     """``call()`` in a daemon thread: a hang fails the test with ``what`` after ``timeout``
     seconds instead of stalling the suite."""
