@@ -74,8 +74,9 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None =
         return subprocess.run([sys.executable, "-m", "ncsweep", *args], cwd=cwd, text=True,
                               capture_output=True, timeout=timeout, env=full_env)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"python -m ncsweep {' '.join(args)} did not exit within {timeout:.0f} s; "
-                    f"its stderr ends:\n{tail(err.stderr)}", pytrace=False)
+        stderr = err.stderr
+    pytest.fail(f"python -m ncsweep {' '.join(args)} did not exit within {timeout:.0f} s; "
+                f"its stderr ends:\n{tail(stderr)}", pytrace=False)
 
 
 _BESIDE = ThreadPoolExecutor(2)
