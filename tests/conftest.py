@@ -1,38 +1,34 @@
-"""Shared fixtures: compose the real configs, run real jobs in-process or through the real CLI."""
+"""Fixtures and hooks: real jobs in-process, the local SLURM cluster, a local W&B server.
+
+Plain helpers the test files import live in tests/support.py.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+
+# Before torch or numpy load anywhere in this process or its children: small models, and
+# parallel jobs must not thrash. The SLURM tests run beside the others on the same cores
+# (tests/suite.sh): a thread waiting at an OpenMP barrier sleeps instead of spinning on a core
+# another process needs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 
-from ncsweep.app import conf_dir
-from ncsweep.config import register_resolvers, run_key
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = conf_dir()
-FAST = ["logger=none", "trainer.progress=false"]
-
-register_resolvers()
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # small models; parallel jobs must not thrash
-# The SLURM tests run beside the others on the same cores (tests/suite.sh): a thread waiting at
-# an OpenMP barrier sleeps instead of spinning on a core another process needs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ncsweep.config import run_key
+from tests.support import API_KEY, IN_CI, ROOT, compose_cfg, get_json, tail
 
 
 @pytest.fixture(autouse=True)
@@ -40,19 +36,6 @@ def _quiet_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-
-
-def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Compose conf/ as the app would, with Hydra's runtime fields set for one run."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(output_dir)
-            cfg.hydra.job.override_dirname = ",".join(sorted(overrides))
-        HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture
@@ -70,53 +53,11 @@ def job_runner(tmp_path: Path) -> Iterator:
     GlobalHydra.instance().clear()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
-    """The real ``python -m ncsweep`` in a subprocess."""
-    full_env = {**os.environ, "WANDB_ERROR_REPORTING": "false", "HYDRA_FULL_ERROR": "0",
-                **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ncsweep", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout, env=full_env)
-
-
-_BESIDE = ThreadPoolExecutor(2)
-
-
-def run_cli_beside(args: list[str], cwd: Path, timeout: float = 300
-                   ) -> Future[subprocess.CompletedProcess]:
-    """``run_cli`` in a background thread: a reference run beside the run a test checks, on
-    the core that run leaves free."""
-    return _BESIDE.submit(run_cli, args, cwd, timeout)
-
-
-def sweep_job_ids(sweep: Path) -> list[str]:
-    """The scheduler job ids a sweep recorded in its job list."""
-    lines = (sweep / ".ncsweep-jobs.jsonl").read_text().splitlines()
-    return sorted({json.loads(line)["job_id"] for line in lines})
-
-
-def wait_for_rows(proc: subprocess.Popen, sweep: Path, pattern: str, rows: int,
-                  timeout: float = 300) -> None:
-    """Until a metrics file matching ``pattern`` in ``sweep`` holds ``rows`` rows; the sweep
-    process must keep running meanwhile."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        found = sorted(sweep.glob(pattern))
-        if found and len(found[0].read_text().splitlines()) >= rows:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no {pattern} with {rows} rows in {sweep} after {timeout} s")
-
-
 # The local single-node SLURM cluster (launch/local_slurm.sh). It needs root and Debian's
 # SLURM packages (installed with apt when missing); without them the SLURM tests skip with
 # the reason, except under CI=true, where they fail.
 SCRIPT = ROOT / "launch" / "local_slurm.sh"
 PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd", "mariadb-server")
-IN_CI = os.environ.get("CI", "").strip().lower() == "true"
-FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED", "REVOKED")
 
 
 def _unavailable(reason: str) -> None:
@@ -134,10 +75,6 @@ def _missing_packages() -> list[str]:
         if res.stdout.strip() != "install ok installed":
             missing.append(pkg)
     return missing
-
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def _script(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -159,9 +96,9 @@ def local_slurm() -> Iterator[str]:
     if started.returncode != 0:
         still_missing = _missing_packages()
         if still_missing:
-            _unavailable(f"apt could not install {still_missing}:\n{_tail(started.stderr)}")
+            _unavailable(f"apt could not install {still_missing}:\n{tail(started.stderr)}")
         pytest.fail(f"launch/local_slurm.sh start failed (exit {started.returncode}):\n"
-                    f"{_tail(started.stderr)}", pytrace=False)
+                    f"{tail(started.stderr)}", pytrace=False)
     last = started.stdout.strip().splitlines()[-1] if started.stdout.strip() else ""
     assert last.startswith("export SLURM_CONF="), f"unexpected last line: {last!r}"
     conf = last.removeprefix("export SLURM_CONF=")
@@ -180,27 +117,12 @@ def local_slurm() -> Iterator[str]:
             _script("stop", timeout=180)
 
 
-def sacct_state(job_id: str, *extra: str) -> str:
-    """``State|ExitCode`` of a job as the accounting database has it."""
-    res = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode", *extra],
-                         capture_output=True, text=True, timeout=30)
-    return res.stdout.strip()
-
-
 # A local W&B-compatible server (openwandb, a dev extra) for the online tests.
-API_KEY = "k" * 40
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 5) -> dict:
-    """GET ``url`` and parse its JSON body."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="session")

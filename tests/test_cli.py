@@ -9,7 +9,7 @@ import pytest
 
 from ncsweep.report.wandb_log import read_wandb_offline
 from ncsweep.tracking import RunFolder
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 TINY = ["trainer.epochs=3", "trainer.eval_every=3", "arch.width=32", "trainer.progress=false"]
 GRID = ["head=etf,learned", "dim=K,512"]

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import II, OmegaConf
 
 from ncsweep.launcher.compose import SweepComposer
-from tests.conftest import CONF, FAST
+from tests.support import CONF, FAST
 
 JobRuntime.instance().set("name", "app")
 

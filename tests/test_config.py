@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ncsweep.config import ConfigError, check_overrides, resolve_dim, run_key, validate
-from tests.conftest import CONF, compose_cfg
+from tests.support import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "launcher")
 

@@ -16,8 +16,16 @@ from ncsweep.config import ConfigError, check_overrides, group_options
 from ncsweep.data import DatasetNotFound, batches, load_digits, member_batches
 from ncsweep.data.files import LAYOUTS, read_small
 from ncsweep.data.tabular import digits_arrays, stratified_split
-from tests.conftest import CONF, compose_cfg, run_cli
-from tests.test_vision import K, _pattern_images, load, write_cifar10, write_mnist
+from tests.support import (
+    CONF,
+    K,
+    compose_cfg,
+    load,
+    pattern_images,
+    run_cli,
+    write_cifar10,
+    write_mnist,
+)
 
 IMAGE_SETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "imagenet"]
 RESNETS = ["resnet18", "resnet34", "resnet50"]
@@ -228,7 +236,7 @@ def test_svhn_and_stl10_fixtures(tmp_path: Path) -> None:
     from scipy.io import savemat
 
     labels = np.tile(np.arange(K), 3)
-    images = _pattern_images(labels, 3, 32, 2)
+    images = pattern_images(labels, 3, 32, 2)
     (tmp_path / "svhn").mkdir()
     savemat(tmp_path / "svhn" / "train_32x32.mat",
             {"X": images.transpose(2, 3, 1, 0), "y": np.where(labels == 0, 10, labels)[:, None]})
@@ -238,7 +246,7 @@ def test_svhn_and_stl10_fixtures(tmp_path: Path) -> None:
 
     stl = tmp_path / "stl10_binary"
     stl.mkdir()
-    big = _pattern_images(labels, 3, 96, 3)
+    big = pattern_images(labels, 3, 96, 3)
     big.transpose(0, 1, 3, 2).tofile(stl / "train_X.bin")
     (labels + 1).astype(np.uint8).tofile(stl / "train_y.bin")
     x, y, _, _ = read_small("stl10", tmp_path, download=False, test=False)  # no unlabeled_X.bin

@@ -19,7 +19,7 @@ from ncsweep.data import batches
 from ncsweep.ensemble import Stacked, build_members, check_supported, member_losses
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import compose_cfg, run_cli, run_cli_beside
+from tests.support import compose_cfg, run_cli, run_cli_beside
 
 SEEDS = "0,1,2,3"
 # 1437 samples / 144: 10 steps. SGD: Adam divides by sqrt(v), which turns float32 rounding in

@@ -21,7 +21,7 @@ from ncsweep.keys import (
 )
 from ncsweep.report.conditions import variant_options
 from ncsweep.report.rows import variant
-from tests.conftest import CONF, compose_cfg
+from tests.support import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 EXPERIMENTS = [None, *group_options(CONF / "experiment")]

@@ -21,7 +21,7 @@ from ncsweep.landscape import (
 )
 from ncsweep.report import load, ufm_table, write_report
 from ncsweep.theory import ufm_hessian_min_eig, ufm_objective
-from tests.conftest import FAST
+from tests.support import FAST
 
 F64 = torch.float64
 LANDSCAPE = [*FAST, "experiment=ufm_landscape", "dataset.n_per_class=2"]

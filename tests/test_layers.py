@@ -81,7 +81,7 @@ def own_features(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def reference(h: np.ndarray, y: np.ndarray, h_test: np.ndarray, y_test: np.ndarray) -> dict:
-    """The formulas of docs/nc-metrics.md, written out in numpy float64."""
+    """The formulas of docs/metrics.md, written out in numpy float64."""
     n, d = h.shape
     mu = np.stack([h[y == k].mean(axis=0) for k in range(K)])
     mu_g = h.mean(axis=0)

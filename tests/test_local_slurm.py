@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAILED_STATES, sacct_state
+from tests.support import FAILED_STATES, sacct_state
 
 pytestmark = pytest.mark.slurm
 

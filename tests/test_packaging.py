@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_wheel_ships_conf_and_the_app_runs_from_it(tmp_path: Path) -> None:

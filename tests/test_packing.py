@@ -12,7 +12,7 @@ import pytest
 
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import run_cli, run_cli_beside, sacct_state, sweep_job_ids, wait_for_rows
+from tests.support import run_cli, run_cli_beside, sacct_state, sweep_job_ids, wait_for_rows
 
 ON_CLUSTER = ["launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=1",
               "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30",

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from ncsweep.report import (
 from ncsweep.report.__main__ import main
 from ncsweep.report.wandb_log import HEADER, read_wandb_offline, wandb_offline_files
 from ncsweep.tracking import RunFolder
-from tests.conftest import ROOT, run_cli
+from tests.support import ROOT, exits_within, returns_within, run_cli
 
 TINY = ["trainer.epochs=2", "trainer.eval_every=1", "arch.width=32", "trainer.progress=false"]
 VARIANT = ["-m", "head=etf,learned", "dim=K,512", "dataset.test_fraction=0.3", *TINY,
@@ -339,25 +338,23 @@ def test_cli_bad_input_fails_fast_with_one_line(tmp_path: Path, monkeypatch: pyt
                                                 message: str) -> None:
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     (tmp_path / "empty").mkdir()
-    started = time.monotonic()
-    code = main([*make_args(tmp_path / "empty"), "--out", str(tmp_path / "out")])
-    assert time.monotonic() - started < 15
+    args = [*make_args(tmp_path / "empty"), "--out", str(tmp_path / "out")]
+    code = returns_within(60, lambda: main(args), f"ncsweep.report {args[0]} hung")
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(lines) == 1
     assert lines[0].startswith("ncsweep.report: error: ") and message in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def test_cli_wandb_default_server_unreachable_fails_within_15s(tmp_path: Path) -> None:
+def test_cli_wandb_default_server_unreachable_fails_in_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_BASE_URL"}
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "ncsweep.report", "wandb://x/y"], cwd=tmp_path,
-                            text=True, capture_output=True, timeout=60, env=env)
-    assert time.monotonic() - started < 15
-    if result.returncode == 0:
+    proc = subprocess.Popen([sys.executable, "-m", "ncsweep.report", "wandb://x/y"], cwd=tmp_path,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, stderr = exits_within(proc, 60, "ncsweep.report wandb://x/y retried the default server")
+    if proc.returncode == 0:
         pytest.skip("a W&B server answered for wandb://x/y")
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("ncsweep.report: error: ")
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("ncsweep.report: error: ")
     assert not (tmp_path / "report").exists()
 
 

@@ -15,7 +15,7 @@ import pytest
 from ncsweep.config import run_key
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 RUN = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "arch.width=64",
        "trainer.epochs=24", "trainer.eval_every=2", "trainer.checkpoint_every=1",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ncsweep.tracking import RunFolder
-from tests.conftest import FAST, run_cli
+from tests.support import FAST, run_cli
 
 SHORT = [*FAST, "trainer.epochs=2", "trainer.eval_every=2", "arch.width=32"]
 

@@ -18,8 +18,17 @@ from ncsweep.cluster import read_partition
 from ncsweep.launcher import AUTO_DEFAULTS
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import ROOT, get_json, run_cli, run_cli_beside, sacct_state
-from tests.test_wandb_online import folder_steps, run_id_of, same_points, server_steps
+from tests.support import (
+    ROOT,
+    folder_steps,
+    get_json,
+    run_cli,
+    run_cli_beside,
+    run_id_of,
+    sacct_state,
+    same_points,
+    server_steps,
+)
 
 pytestmark = pytest.mark.slurm
 

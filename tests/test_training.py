@@ -9,7 +9,7 @@ import torch
 
 from ncsweep.nc import COMPUTE_KEYS, HELDOUT_KEYS
 from ncsweep.tracking import RunFolder
-from tests.conftest import FAST
+from tests.support import FAST
 
 SHORT = [*FAST, "trainer.epochs=4", "trainer.eval_every=2", "arch.width=64"]
 SUMMARY_KEYS = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ncsweep.tracking import RunFolder
-from tests.conftest import FAST, run_cli
+from tests.support import FAST, run_cli
 
 SOURCE = [*FAST, "trainer.epochs=3", "trainer.eval_every=3", "arch.width=32"]
 FEATURE_METRICS = ("nc1", "nc2_m", "nc2_equinorm_m", "cdnv", "trace_ratio", "m_norm_mean")

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from ncsweep.config import group_options, validate
-from tests.conftest import CONF, FAST, compose_cfg
+from tests.support import CONF, FAST, compose_cfg
 
 
 @pytest.mark.parametrize("experiment", ["ufm", "ufm_landscape"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import FAST, compose_cfg, run_cli
+from tests.support import FAST, compose_cfg, run_cli
 
 UFM = [*FAST, "experiment=ufm", "dataset.num_classes=4", "dataset.n_per_class=5",
        "trainer.epochs=20", "trainer.eval_every=10"]

@@ -18,7 +18,7 @@ from ncsweep.build import build_run
 from ncsweep.config import ConfigError, validate
 from ncsweep.nc import KEYS
 from ncsweep.training import evaluate
-from tests.conftest import FAST, compose_cfg, run_cli
+from tests.support import FAST, compose_cfg, run_cli
 
 K = 10
 SMALL = [*FAST, "trainer.device=cpu", "arch.width=64", "trainer.batch_size=128"]

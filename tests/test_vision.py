@@ -6,7 +6,6 @@ skips without CUDA.
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import pickle
 import shutil
@@ -21,65 +20,28 @@ from ncsweep import data as D
 from ncsweep.config import ConfigError, validate
 from ncsweep.models import MLP, ResNet, WeightsNotFound
 from ncsweep.training import count_parameters
-from tests.conftest import CONF, FAST, compose_cfg, run_cli
+from tests.support import (
+    CONF,
+    FAST,
+    K,
+    compose_cfg,
+    load,
+    pattern_images,
+    run_cli,
+    write_cifar10,
+    write_mnist,
+)
 
 PRESETS = ["zhu2021_cifar10_resnet18", "zhu2021_mnist_resnet18", "zhu2021_mlp",
            "zhou2022_mse_dims", "papyan2020_cifar10"]
 ARCHS = ["resnet18", "resnet34", "resnet50", "vgg11_bn", "mlp"]
 DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "imagenet"]
-K = 10
 # docs/metrics.md: torchvision ResNets with K = 10, a learned Linear(d, 10) classifier.
 PUBLISHED = {("resnet18", 512): 11_181_642, ("resnet18", 10): 8_867_542,
              ("resnet50", 2048): 23_528_522, ("resnet50", 10): 22_481_110}
 
 
 # ------------------------------------------------------------------ files in torchvision formats
-
-def _pattern_images(labels: np.ndarray, channels: int, side: int, seed: int) -> np.ndarray:
-    """Learnable images: a bright square whose place says the class, on faint noise."""
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 40, size=(labels.size, channels, side, side), dtype=np.uint8)
-    step = side // 5
-    for i, k in enumerate(labels):
-        r, c = (k // 5) * 2 * step + 1, (k % 5) * step
-        x[i, :, r:r + step, c:c + step] = 250
-    return x
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = (0x0800 | array.ndim).to_bytes(4, "big")
-    header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    blob = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(blob) if path.suffix == ".gz" else blob)
-
-
-def write_mnist(root: Path, per_class: int = 10, test_per_class: int = 3, gz: bool = False,
-                folder: str = "MNIST") -> Path:
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    ext = ".gz" if gz else ""
-    for prefix, n, seed in (("train", per_class, 0), ("t10k", test_per_class, 1)):
-        labels = np.tile(np.arange(K), n).astype(np.uint8)
-        images = _pattern_images(labels, 1, 28, seed)[:, 0]
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte{ext}", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte{ext}", labels)
-    return raw
-
-
-def write_cifar10(root: Path, per_class_per_batch: int = 1) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for seed, name in enumerate(names):
-        labels = np.tile(np.arange(K), per_class_per_batch)
-        images = _pattern_images(labels, 3, 32, seed).reshape(labels.size, -1)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": images, "labels": labels.tolist(),
-                         "batch_label": name}, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{k}" for k in range(K)]}, f, protocol=2)
-    return folder
-
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 4, side: int = 12) -> Path:
     from PIL import Image
@@ -94,13 +56,6 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 4, side: i
                 pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"img{i}.png")
     return top
-
-
-def load(overrides: list[str]) -> D.DataBundle:
-    """The configured builder, called outside Hydra's instantiate (which wraps its errors)."""
-    cfg = compose_cfg(overrides)
-    validate(cfg)
-    return instantiate(cfg.dataset, _partial_=True)()
 
 
 # ------------------------------------------------------------------------------------ presets
@@ -304,7 +259,7 @@ def test_other_small_formats(tmp_path: Path) -> None:
     labels = np.tile(np.arange(K), 2)
     svhn = tmp_path / "svhn"
     svhn.mkdir()
-    images = _pattern_images(labels, 3, 32, 0)
+    images = pattern_images(labels, 3, 32, 0)
     for split in ("train", "test"):
         digits = np.where(labels == 0, 10, labels)[:, None]  # SVHN writes digit 0 as 10
         savemat(svhn / f"{split}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": digits})
@@ -314,7 +269,7 @@ def test_other_small_formats(tmp_path: Path) -> None:
 
     stl = tmp_path / "stl10_binary"
     stl.mkdir()
-    images = _pattern_images(labels, 3, 96, 1)
+    images = pattern_images(labels, 3, 96, 1)
     for split in ("train", "test"):
         images.transpose(0, 1, 3, 2).tofile(stl / f"{split}_X.bin")
         (labels + 1).astype(np.uint8).tofile(stl / f"{split}_y.bin")
