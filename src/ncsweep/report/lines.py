@@ -113,7 +113,7 @@ def _accuracy(verdict: str, rows: pd.DataFrame, base: pd.Series, cand: pd.Series
             stats += f"; planned at an assumed sd of {ASSUMED_SD_PTS:g} pts a run"
     else:
         stats = (f"{_conf(alpha)} {row['ci_low']:+.2f} to {row['ci_high']:+.2f}, Holm-adjusted "
-                 f"p {_p(row['p_adjusted'])}; {seeds}, {row['method']}")
+                 f"p {_p(row['p_adjusted'])}; {seeds}, {row['method']}; {row['reason']}")
     return (f"{label} within {margin:g} points of baseline test accuracy (or above it): "
             f"{verdict} ({row['candidate']:.2f}% vs {row['baseline']:.2f}%, "
             f"{row['estimate']:+.2f} pts; {stats}){settle_text(row)}")
