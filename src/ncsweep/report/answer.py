@@ -34,7 +34,7 @@ def sweep_answer(sweep_dir: str | os.PathLike, margin: float = MARGIN_PTS,
         return []
     out = sweep / REPORT_DIR
     write_report(runs, history, out, sources=[str(sweep)], margin_pts=margin, alpha=alpha)
-    lines = short_lines(read_verdicts(out / "verdicts.csv"))
+    lines = short_lines(read_verdicts(out / "verdicts.csv"), alpha)
     return [*lines, f"report written to {out / 'report.md'}"]
 
 

@@ -25,6 +25,7 @@ from ncsweep.report.stats import INCONCLUSIVE
 from ncsweep.report.verdicts import (
     ALPHA,
     ASSUMED_SD_PTS,
+    AT_LEAST_2,
     FLOOR,
     MARGIN_PTS,
     MEMORY_CLAIM_PCT,
@@ -93,6 +94,8 @@ def settle_text(row: pd.Series, unit: str = "seeds a side") -> str:
         return ""
     if needed == NA:
         return "; no number of seeds settles it at this difference"
+    if needed == AT_LEAST_2:
+        return f"; at least 2 {unit} are needed (one seed has no spread)"
     if needed.startswith(">"):
         return f"; more than {needed[1:]} {unit} would be needed"
     return f"; about {needed} {unit} would settle it"
@@ -201,7 +204,7 @@ def sd_text(cell: pd.Series, alpha: float = ALPHA) -> str:
     return f"{sd:.2f} pts ({_conf(alpha)} {low:.2f}-{high:.2f})"
 
 
-def short_lines(verdicts: pd.DataFrame) -> list[str]:
+def short_lines(verdicts: pd.DataFrame, alpha: float = ALPHA) -> list[str]:
     """One short line per (section, claim) of the tested and stability claims, for a terminal."""
     lines = []
     for (section, claim), rows in verdicts.groupby(["section", "claim"], sort=False):
@@ -211,20 +214,23 @@ def short_lines(verdicts: pd.DataFrame) -> list[str]:
         if verdict == NA:
             lines.append(f"{section}: {claim} n/a ({rows.iloc[0]['reason']})")
             continue
-        parts = [_short(row) for _, row in rows.iterrows()]
+        parts = [_short(row, alpha) for _, row in rows.iterrows()]
         unit = STABLE_UNIT if claim == "stability" else "seeds a side"
         settle = max((settle_text(row, unit) for _, row in rows.iterrows()), key=len,
                      default="")
+        if claim == "accuracy" and settle and rows["n_baseline"].max() < 2 and rows[
+                "n_candidate"].max() < 2:
+            settle += f" (at an assumed sd of {ASSUMED_SD_PTS:g} pts a run)"
         lines.append(f"{section}: {claim} {verdict} ({'; '.join(parts)}){settle}")
     return lines
 
 
-def _short(row: pd.Series) -> str:
+def _short(row: pd.Series, alpha: float) -> str:
     n = f"n={int(row['n_candidate'])} vs {int(row['n_baseline'])}"
     if row["claim"] == "accuracy":
         interval = ("no interval" if math.isnan(row["ci_low"]) else
-                    f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]")
-        return f"{row['estimate']:+.2f} pts {interval}, {n}"
+                    f"{_conf(alpha)} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]")
+        return f"{row['estimate']:+.2f} pts, {interval}, {n}"
     if row["claim"] == "stability":
         return f"{row['reason']}"
     interval = ("" if math.isnan(row["ci_low"]) else

@@ -57,6 +57,7 @@ STABLE_BOUND = 0.5
 STABLE_CONFIDENCE = 0.95
 MEMORY_CLAIM_PCT = 20.0
 NA = "n/a"
+AT_LEAST_2 = ">=2"
 CLAIMS = ("accuracy", "parameters", "memory", "collapse", "stability")
 VERDICT_COLUMNS = ("section", "claim", "metric", "baseline", "candidate", "estimate", "ci_low",
                    "ci_high", "p_value", "p_adjusted", "verdict", "n_baseline", "n_candidate",
@@ -136,11 +137,14 @@ def _tested(claim: str, metric: str, result: Comparison, base: float, cand: floa
 
 
 def _seeds_needed(result: Comparison) -> str:
-    """"" once settled, else a number, ``>100`` or ``n/a`` (cannot settle)."""
+    """"" once settled, else a number, ``>100``, ``>=2`` (one seed and nothing to plan with) or
+    ``n/a`` (no number of seeds settles it)."""
     if result.verdict != INCONCLUSIVE:
         return ""
     if result.seeds_over_cap:
         return f">{SEEDS_CAP}"
+    if result.seeds_needed is None and min(result.n_baseline, result.n_candidate) < 2:
+        return AT_LEAST_2
     return NA if result.seeds_needed is None else str(result.seeds_needed)
 
 
