@@ -138,7 +138,8 @@ def resources_figure(table: pd.DataFrame, group: Mapping[str, object]) -> Figure
     params.bar(x, trainable, color=colors, label="trainable",
                yerr=[(trainable - cells["params_trainable_min"].fillna(0)).clip(lower=0),
                      0 * trainable], capsize=4)
-    params.set_title("parameters (a range: bar at the largest, whisker to the smallest)")
+    params.set_title("parameters (a range: bar at the largest, whisker to the smallest)",
+                     fontsize="medium")
     params.legend()
     _memory_panel(memory, cells, x)
     for ax in (params, memory):
@@ -172,7 +173,7 @@ def _memory_panel(ax: object, cells: pd.DataFrame, x: np.ndarray) -> None:
     if not np.isfinite(total).any() and not cuda.any():
         ax.text(0.5, 0.5, "train_memory_bytes not recorded", ha="center",
                 transform=ax.transAxes)
-    ax.set_title("training-step memory, MiB (what the memory verdict uses)")
+    ax.set_title("training-step memory, MiB (what the memory verdict uses)", fontsize="medium")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
 
