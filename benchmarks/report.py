@@ -1,14 +1,22 @@
-"""Speed of the report's read path: load_runs + the claims table over 1,000 run folders.
+"""Speed of the report: its read path over 1,000 run folders, or the whole CLI over 10,000.
 
-Run: .venv/bin/python benchmarks/report.py
-The run folders are written with the real writer (ncsweep.tracking.RunFolder) into a temporary
-folder; the target is under 5 ms per run (best of a few repeats, so background load counts less).
+Run: .venv/bin/python benchmarks/report.py            (load_runs + claims table + verdicts)
+     .venv/bin/python benchmarks/report.py --cli       (python -m ncsweep.report, 10,000 runs)
+The read path's run folders are written with the real writer (ncsweep.tracking.RunFolder); its
+target is under 5 ms per run (best of a few repeats, so background load counts less). With
+--cli the folders are written by hand in the documented layout (docs/run-folder.md, faster to
+write) and the command runs once end to end, every file and figure written; its target is
+20 s for 10,000 runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +29,8 @@ N_RUNS = 1_000
 EVALS = 6
 REPEATS = 3
 TARGET_MS = 5.0
+CLI_RUNS = 10_000
+CLI_TARGET_S = 20.0
 K = 10
 NC_KEYS = ("nc1", "nc2_w", "nc2_m", "nc2_equinorm_w", "nc2_equinorm_m", "nc2_equiangle_w",
            "nc2_equiangle_m", "nc2_maxangle_w", "nc2_maxangle_m", "nc3", "nc3_duality", "nc4",
@@ -61,12 +71,49 @@ def metrics(rng: random.Random, epoch: int, step: int) -> dict:
     return row
 
 
+def grid(n_runs: int) -> itertools.islice:
+    """(seed, dataset, loss, head, dim) of n_runs runs: 2 datasets x 2 losses x head x d x seeds."""
+    return itertools.islice(itertools.product(range(n_runs), ("digits", "synthetic"),
+                                              ("ce", "mse"), ("etf", "learned"), (K, 512)),
+                            n_runs)
+
+
+def summary(key: str, dataset: str, loss: str, head: str, dim: int, seed: int,
+            last: dict) -> dict:
+    """The summary.json a finished job writes."""
+    params = 3724 + (dim - K) * 40
+    return {"run_key": key, "name": "bench", "dataset": dataset, "arch": "mlp", "loss": loss,
+            "head": head, "optim": "adam", "dim": str(dim), "feature_dim": dim,
+            "num_classes": K, "seed": seed, "epochs": 100, "overrides": key.split(","),
+            "params_total": params, "params_trainable": params - (K * dim if head == "etf" else 0),
+            "status": "done", **last, "peak_memory_bytes": 800 * 2**20 + dim * 2**10,
+            "peak_memory_kind": "cpu_peak_rss", "wall_time_s": 10.0,
+            "memory_params_bytes": 4 * params, "memory_grads_bytes": 4 * params,
+            "memory_optimizer_bytes": 8 * params, "memory_activations_bytes": 256 * dim * 4,
+            "train_memory_bytes": 16 * params + 256 * dim * 4}
+
+
+def write_by_hand(root: Path, n_runs: int) -> None:
+    """n_runs finished run folders written with json and open(): run.json, metrics.jsonl,
+    summary.json and DONE, the documented layout."""
+    rng = random.Random(0)
+    for seed, dataset, loss, head, dim in grid(n_runs):
+        key = f"dataset={dataset},dim={dim},head={head},loss={loss},seed={seed}"
+        folder = root / key
+        folder.mkdir(parents=True)
+        run = {"format": "ncsweep-run-1", **identity(key, dataset, loss, head, dim, seed)}
+        (folder / "run.json").write_text(json.dumps(run))
+        rows = [metrics(rng, epoch, epoch * 6) for epoch in range(0, 101, 100 // (EVALS - 1))]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "summary.json").write_text(
+            json.dumps(summary(key, dataset, loss, head, dim, seed, rows[-1])))
+        (folder / "DONE").write_text("")
+
+
 def write_runs(root: Path) -> None:
     """N_RUNS finished run folders over 2 datasets x 2 losses x head x d x seeds."""
     rng = random.Random(0)
-    grid = itertools.product(range(N_RUNS), ("digits", "synthetic"), ("ce", "mse"),
-                             ("etf", "learned"), (K, 512))
-    for seed, dataset, loss, head, dim in itertools.islice(grid, N_RUNS):
+    for seed, dataset, loss, head, dim in grid(N_RUNS):
         key = f"dataset={dataset},dim={dim},head={head},loss={loss},seed={seed}"
         folder = RunFolder(root / key)
         folder.prepare()
@@ -75,14 +122,7 @@ def write_runs(root: Path) -> None:
         rows = [metrics(rng, epoch, epoch * 6) for epoch in range(0, 101, 100 // (EVALS - 1))]
         for row in rows:
             folder.append_metrics(row)
-        params = 3724 + (dim - K) * 40
-        folder.write_summary({
-            "run_key": key, "name": "bench", "dataset": dataset, "arch": "mlp", "loss": loss,
-            "head": head, "optim": "adam", "dim": str(dim), "feature_dim": dim,
-            "num_classes": K, "seed": seed, "epochs": 100, "overrides": key.split(","),
-            "params_total": params, "params_trainable": params - (K * dim if head == "etf" else 0),
-            "status": "done", **rows[-1], "peak_memory_bytes": 800 * 2**20 + dim * 2**10,
-            "peak_memory_kind": "cpu_peak_rss", "wall_time_s": 10.0})
+        folder.write_summary(summary(key, dataset, loss, head, dim, seed, rows[-1]))
         folder.mark_done()
         folder.record_attempt("done")
 
@@ -96,7 +136,37 @@ def timed_read(root: Path) -> tuple[float, int]:
     return time.perf_counter() - started, len(runs)
 
 
+def cli(n_runs: int) -> int:
+    """Time ``python -m ncsweep.report`` once over n_runs hand-written run folders."""
+    with tempfile.TemporaryDirectory(prefix="ncsweep-report-cli-") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        write_by_hand(root / "runs", n_runs)
+        print(f"wrote {n_runs} run folders by hand in {time.perf_counter() - started:.1f} s")
+        command = [sys.executable, "-m", "ncsweep.report", str(root / "runs"), "--out",
+                   str(root / "report")]
+        started, cpu = time.perf_counter(), os.times()
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - started
+        after = os.times()
+        cpu_s = after.children_user + after.children_system - cpu.children_user - \
+            cpu.children_system
+        files = len(list((root / "report").iterdir()))
+    print(done.stdout.strip())
+    print(f"python -m ncsweep.report over {n_runs} runs: {seconds:.1f} s wall, {cpu_s:.1f} s CPU, "
+          f"{files} files (target <= {CLI_TARGET_S:g} s)")
+    print(f"{'PASS' if seconds <= CLI_TARGET_S else 'FAIL'}: {seconds:.1f} s")
+    return 0
+
+
 def main() -> int:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--cli", action="store_true", help="time the whole CLI instead")
+    args.add_argument("--runs", type=int, default=CLI_RUNS,
+                      help="run folders for --cli (default: %(default)s)")
+    options = args.parse_args()
+    if options.cli:
+        return cli(options.runs)
     with tempfile.TemporaryDirectory(prefix="ncsweep-report-bench-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()

@@ -24,12 +24,16 @@ Pure tensor code, no I/O: a notebook can call it directly.
 from ncsweep.landscape.problem import (
     STOP_REASONS,
     UFMBatch,
+    distinct_summary,
     distinct_values,
     hessian_min_eigs,
     hessians,
     quantiles,
+    stopping_tolerance,
+    value_groups,
 )
 from ncsweep.landscape.solvers import BatchedGD, BatchedLBFGS, Chunked, chunk_size
 
 __all__ = ["STOP_REASONS", "BatchedGD", "BatchedLBFGS", "Chunked", "UFMBatch", "chunk_size",
-           "distinct_values", "hessian_min_eigs", "hessians", "quantiles"]
+           "distinct_summary", "distinct_values", "hessian_min_eigs", "hessians", "quantiles",
+           "stopping_tolerance", "value_groups"]

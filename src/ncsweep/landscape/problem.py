@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -172,17 +173,54 @@ def hessian_min_eigs(problem: UFMBatch, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
-def distinct_values(values: torch.Tensor, rel_tol: float = 1e-9) -> int:
-    """How many values differ, two being the same within rel_tol of the larger magnitude.
+def distinct_values(values: torch.Tensor, rel_tol: float = 1e-9, abs_tol: float = 0.0) -> int:
+    """How many values differ, two being the same within max(rel_tol * magnitude, abs_tol).
 
     Sorted values are chained: a value starts a new group when it exceeds the previous one
-    by more than rel_tol * max(|a|, |b|, 1e-300); NaNs count as one group of their own.
+    by more than max(rel_tol * max(|a|, |b|, 1e-300), abs_tol); NaNs count as one group.
     """
-    finite = values[torch.isfinite(values)].double().sort().values
+    return len(value_groups(values, rel_tol, abs_tol)) + int(
+        bool((~torch.isfinite(values)).any()))
+
+
+def value_groups(values: torch.Tensor, rel_tol: float = 1e-9,
+                 abs_tol: float = 0.0) -> list[tuple[float, float, int]]:
+    """The finite values chained into groups as :func:`distinct_values` counts them, lowest
+    first: (lowest value, spread = highest - lowest, members) per group."""
+    finite = values[torch.isfinite(values)].double().sort().values.cpu()
+    if finite.numel() == 0:
+        return []
     steps = finite[1:] - finite[:-1]
     scale = torch.maximum(finite[1:].abs(), finite[:-1].abs()).clamp(min=1e-300)
-    groups = int((steps > rel_tol * scale).sum()) + int(finite.numel() > 0)
-    return groups + int(bool((~torch.isfinite(values)).any()))
+    breaks = (steps > torch.clamp(rel_tol * scale, min=abs_tol)).nonzero().squeeze(1) + 1
+    edges = [0, *breaks.tolist(), finite.numel()]
+    return [(finite[a].item(), (finite[b - 1] - finite[a]).item(), b - a)
+            for a, b in itertools.pairwise(edges)]
+
+
+def stopping_tolerance(tolerance_grad: float, x: torch.Tensor) -> float:
+    """The objective differences a gradient stopping rule cannot resolve, for starts ``x`` (R, P).
+
+    A start stops once its gradient max-norm is <= ``tolerance_grad``, so its 2-norm is <=
+    sqrt(P) tolerance_grad; to first order f moves by at most that times the distance
+    travelled, which the points' largest norm bounds in scale: sqrt(P) tolerance_grad
+    max_r ||x_r||. Values closer than this are one value as far as the stopping rule can tell.
+    """
+    if x.numel() == 0:
+        return 0.0
+    return math.sqrt(x.shape[1]) * tolerance_grad * x.double().norm(dim=1).max().item()
+
+
+def distinct_summary(values: torch.Tensor, x: torch.Tensor,
+                     tolerance_grad: float) -> dict[str, float]:
+    """``distinct_objective_values`` beyond :func:`stopping_tolerance`, with the tolerance
+    (``distinct_value_tol``) and the largest spread inside one value (``distinct_value_spread``).
+    """
+    tol = stopping_tolerance(tolerance_grad, x)
+    groups = value_groups(values, rel_tol=0.0, abs_tol=tol)
+    return {"distinct_objective_values": distinct_values(values, rel_tol=0.0, abs_tol=tol),
+            "distinct_value_tol": tol,
+            "distinct_value_spread": max((g[1] for g in groups), default=math.nan)}
 
 
 def quantiles(values: torch.Tensor, name: str) -> dict[str, float]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,7 @@ def variant_options(variant: object) -> dict[str, str]:
     return dict(_option(token) for token in tokens)
 
 
+@lru_cache(maxsize=65536)
 def _option(token: str) -> tuple[str, str]:
     """One override's key and value as Hydra writes them (text it cannot read: a bare key)."""
     override = parse_or_none(token)

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ncsweep.report.claims import (
+    MEMORY_PARTS,
     SETTINGS,
     setting_name,
     with_settings,
@@ -115,7 +116,12 @@ def _ordered(points: pd.DataFrame) -> list[tuple[str, float]]:
 
 
 def resources_figure(table: pd.DataFrame, group: Mapping[str, object]) -> Figure:
-    """Trainable (and total) parameters and peak memory per head x d setting of one group."""
+    """Parameters and the training step's memory per head x d setting of one group.
+
+    Memory is the measure the verdict uses: train_memory_bytes stacked by its parts (parameters,
+    gradients, optimizer state, activations; one bar where the parts were not recorded), with
+    the CUDA peak as a marker where the runs had one. The process's RSS is left to runs.csv.
+    """
     cells = table
     for key, value in group.items():
         cells = cells[cells[key] == value]
@@ -126,23 +132,50 @@ def resources_figure(table: pd.DataFrame, group: Mapping[str, object]) -> Figure
     x = np.arange(len(cells))
     figure = new_figure(11, 4.5)
     params, memory = figure.subplots(1, 2)
-    params.bar(x, cells["params_total_max"], color="none", edgecolor="grey", label="total")
-    params.bar(x, cells["params_trainable_max"], color=colors, label="trainable",
-               yerr=[cells["params_trainable_max"] - cells["params_trainable_min"],
-                     0 * cells["params_trainable_max"]], capsize=4)
-    params.set_title("parameters (a range: bar at the largest, whisker to the smallest)")
+    params.bar(x, cells["params_total_max"].fillna(0), color="none", edgecolor="grey",
+               label="total")
+    trainable = cells["params_trainable_max"].fillna(0)
+    params.bar(x, trainable, color=colors, label="trainable",
+               yerr=[(trainable - cells["params_trainable_min"].fillna(0)).clip(lower=0),
+                     0 * trainable], capsize=4)
+    params.set_title("parameters (a range: bar at the largest, whisker to the smallest)",
+                     fontsize="medium")
     params.legend()
-    kind = ",".join(sorted({k for k in cells["peak_memory_kind"] if k})) or "unknown kind"
-    memory.bar(x, cells["peak_memory_bytes_mean"] / 2**20, color=colors,
-               yerr=cells["peak_memory_bytes_std"].fillna(0) / 2**20, capsize=4)
-    memory.set_title(f"peak memory, MiB ({kind})")
+    _memory_panel(memory, cells, x)
     for ax in (params, memory):
         ax.set_xticks(x, labels, rotation=15)
         for i, n in enumerate(cells["n_done"]):
             if n == 0:
                 ax.text(i, 0, "missing", ha="center", va="bottom", color="red")
-    figure.suptitle(group_label(group) + ": model size and peak memory")
+    figure.suptitle(group_label(group) + ": model size and training-step memory")
     return figure
+
+
+def _memory_panel(ax: object, cells: pd.DataFrame, x: np.ndarray) -> None:
+    """train_memory_bytes stacked by part (MiB), the CUDA peak as a marker where recorded."""
+    bottom = np.zeros(len(cells))
+    parts = [(p, f"{p}_mean") for p in MEMORY_PARTS if cells[f"{p}_mean"].notna().any()]
+    for i, (part, column) in enumerate(parts):
+        height = cells[column].fillna(0).to_numpy(float) / 2**20
+        ax.bar(x, height, bottom=bottom, color=f"C{i + 4}",
+               label=part.removeprefix("memory_").removesuffix("_bytes"))
+        bottom += height
+    total = cells["train_memory_bytes_mean"].to_numpy(float) / 2**20
+    rest = np.where(np.isfinite(total), np.maximum(total - bottom, 0), 0)
+    if not parts or (rest > 1e-9 * np.maximum(total, 1)).any():
+        ax.bar(x, rest, bottom=bottom, color="lightgrey",
+               label="train_memory_bytes" if not parts else "not in the parts")
+    cuda = (cells["peak_memory_kind"] == "cuda_max_allocated").to_numpy()
+    if cuda.any():
+        peak = cells["peak_memory_bytes_mean"].to_numpy(float) / 2**20
+        ax.plot(x[cuda], peak[cuda], "k_", markersize=30, markeredgewidth=2,
+                label="CUDA peak (cuda_max_allocated)")
+    if not np.isfinite(total).any() and not cuda.any():
+        ax.text(0.5, 0.5, "train_memory_bytes not recorded", ha="center",
+                transform=ax.transAxes)
+    ax.set_title("training-step memory, MiB (what the memory verdict uses)", fontsize="medium")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
 
 
 def ufm_figure(runs: pd.DataFrame) -> Figure | None:
@@ -171,18 +204,22 @@ def ufm_figure(runs: pd.DataFrame) -> Figure | None:
         distinct_ax.plot(x, cells["distinct_values_max"], color=color, linestyle=style,
                          marker="o")
         gap = cells["gap_max"].abs().clip(lower=GAP_FLOOR)
-        gap_ax.plot(x[closed], gap[closed], color=color, linestyle=style, marker="o")
+        if closed.any():
+            gap_ax.plot(x[closed], gap[closed], color=color, linestyle=style, marker="o")
+    if not gap_ax.lines:
+        gap_ax.text(0.5, 0.5, "no cell with a closed form", ha="center",
+                    transform=gap_ax.transAxes)
     share_ax.set_ylim(-0.03, 1.05)
     share_ax.set_title("share of starts at the global optimum\n(hollow: at the best value "
                        "found, no closed form)", fontsize="medium")
-    distinct_ax.set_yscale("log")
-    distinct_ax.set_title("distinct final objective values (1e-9 relative), most of a run",
-                          fontsize="medium")
-    gap_ax.set_yscale("log")
+    distinct_ax.set_yscale("log", nonpositive="mask")
+    distinct_ax.set_title("distinct final objective values (beyond the stopping rule's "
+                          "tolerance), most of a run", fontsize="medium")
+    gap_ax.set_yscale("log", nonpositive="mask")
     gap_ax.set_title(f"largest gap f - f* (closed form; below {GAP_FLOOR:g} drawn at it)",
                      fontsize="medium")
     for ax in (share_ax, distinct_ax, gap_ax):
-        ax.set_xscale("log")
+        ax.set_xscale("log", nonpositive="mask")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("d / K")
         ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)

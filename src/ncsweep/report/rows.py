@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from ncsweep.keys import COMPARED, IDENTITY_GROUPS, changes_experiment, override_key, parse_or_none
@@ -108,8 +109,13 @@ def variant(overrides: Any, key: str | None) -> str:
     return " ".join(kept)
 
 
+@lru_cache(maxsize=65536)
 def _in_variant(text: str) -> bool:
-    """Whether an override belongs in the variant (one Hydra cannot read is kept, unjudged)."""
+    """Whether an override belongs in the variant (one Hydra cannot read is kept, unjudged).
+
+    Cached: a sweep repeats the same few overrides over thousands of runs, and Hydra's parser
+    costs about a millisecond an override.
+    """
     override = parse_or_none(text)
     if override is None:
         return bool(text.strip())

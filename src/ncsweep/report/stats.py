@@ -345,3 +345,12 @@ def zero_event_bound(n: int, confidence: float = 0.95) -> float:
     if n < 1:
         raise ValueError(f"n={n!r} is not allowed: at least 1 trial")
     return float(stats.beta.ppf(confidence, 1, n))
+
+
+def event_rate_bound(events: int, n: int, confidence: float = 0.95) -> float:
+    """The exact (Clopper-Pearson) one-sided upper bound on a rate seen ``events`` times in n."""
+    if n < 1 or not 0 <= events <= n:
+        raise ValueError(f"events={events!r}, n={n!r} are not allowed: 0 <= events <= n, n >= 1")
+    if events == n:
+        return 1.0
+    return float(stats.beta.ppf(confidence, events + 1, n - events))

@@ -61,7 +61,8 @@ _ROWS = {
     "total params": lambda c: params_text(c, "params_total"),
     "trainable params saved": lambda c: _signed(c["params_trainable_saved_pct"], ".1f", "%"),
     "peak memory, MiB": lambda c: _memory(c),
-    "peak memory saved": lambda c: _signed(c["peak_memory_bytes_saved_pct"], ".1f", "%"),
+    "peak memory saved": lambda c: _signed(c["peak_memory_bytes_saved_pct"], ".1f", "%")
+    if c["peak_memory_kind"] == "cuda_max_allocated" else "-",
     "train-step memory, MiB": lambda c: _mib(c, "train_memory_bytes"),
     "train-step memory saved": lambda c: _signed(c["train_memory_bytes_saved_pct"], ".1f", "%"),
     "epochs to 100% train acc": lambda c: epochs_text(c) if c["n_done"] else "-",
@@ -114,8 +115,11 @@ def _mib(cell: pd.Series, metric: str) -> str:
 
 
 def _memory(cell: pd.Series) -> str:
+    """The CUDA peak; a process RSS is only named (its bytes stay in runs.csv: not the step's)."""
     mean, std = cell["peak_memory_bytes_mean"], cell["peak_memory_bytes_std"]
     if missing(mean):
         return "-"
+    if cell["peak_memory_kind"] != "cuda_max_allocated":
+        return f"in runs.csv ({cell['peak_memory_kind']})"
     spread = "" if missing(std) else f" ± {std / 2**20:.1f}"
     return f"{mean / 2**20:.1f}{spread} ({cell['peak_memory_kind']})"

@@ -7,11 +7,13 @@ import math
 import pandas as pd
 
 from ncsweep.report.conditions import flag, numeric
+from ncsweep.report.stats import rule_of_three
 
 UFM_KEYS = ("num_classes", "feature_dim", "loss")
 UFM_TABLE = (*UFM_KEYS, "d_over_k", "runs", "n", "reference", "n_optimum", "optimum_share",
-             "n_best", "best_share", "distinct_values_max", "gap_median", "gap_max",
-             "hessian_min_eig_min", "grad_norm_max", "n_saddles", "n_spurious_suspect")
+             "n_best", "best_share", "distinct_values_max", "distinct_spread_max",
+             "distinct_tol", "gap_median", "gap_max", "hessian_min_eig_min", "grad_norm_max",
+             "n_saddles", "n_spurious_suspect", "spurious_bound")
 
 
 def ufm_starts(runs: pd.DataFrame) -> pd.DataFrame:
@@ -36,6 +38,8 @@ def ufm_starts(runs: pd.DataFrame) -> pd.DataFrame:
         reference=closed.map({True: "closed_form", False: "best_found"}),
         n_optimum=n_optimum.where(closed), n_best=numeric(ufm, "n_reached_best").fillna(starts),
         distinct=numeric(ufm, "distinct_objective_values").fillna(1.0),
+        spread=numeric(ufm, "distinct_value_spread").where(~single, 0.0),
+        distinct_tol=numeric(ufm, "distinct_value_tol"),
         gap_mid=numeric(ufm, "objective_gap_median").fillna(gap),
         gap_top=numeric(ufm, "objective_gap_max").fillna(gap),
         grad_top=numeric(ufm, "grad_norm_max").fillna(numeric(ufm, "grad_norm")),
@@ -49,7 +53,11 @@ def ufm_table(runs: pd.DataFrame) -> pd.DataFrame:
     ``n`` counts starts (a run with ``starts`` R counts R); ``optimum_share`` is the share
     of starts with gap <= tolerance against the closed-form f* (NaN where none covers the
     cell, below d = K-1), ``best_share`` the share at the best value found in each run;
-    ``distinct_values_max`` the most distinct final values (1e-9 relative) of a run;
+    ``distinct_values_max`` the most distinct final values of a run (beyond the tolerance its
+    stopping rule cannot resolve, ``distinct_tol``; 1e-9 relative for runs that predate it),
+    ``distinct_spread_max`` the widest spread inside one of them; ``spurious_bound`` the rule
+    of three, 3/n: with no suspect in n starts, the 95% upper bound on the chance that a
+    random start ends in a spurious basin (NaN where a suspect was found);
     ``gap_median`` the median over runs of each run's median gap; ``hessian_min_eig_min``
     the smallest probe of start 0 (the only start of a single-start run); ``n_saddles`` the
     starts above tolerance certified by negative curvature.
@@ -65,6 +73,8 @@ def ufm_table(runs: pd.DataFrame) -> pd.DataFrame:
         "n_optimum": grouped["n_optimum"].sum(min_count=1),
         "n_best": grouped["n_best"].sum(),
         "distinct_values_max": grouped["distinct"].max().astype(int),
+        "distinct_spread_max": grouped["spread"].max(),
+        "distinct_tol": grouped["distinct_tol"].max(),
         "gap_median": grouped["gap_mid"].median(), "gap_max": grouped["gap_top"].max(),
         "hessian_min_eig_min": grouped["eig"].min(), "grad_norm_max": grouped["grad_top"].max(),
         "n_saddles": grouped["saddles"].sum().astype(int),
@@ -76,6 +86,9 @@ def ufm_table(runs: pd.DataFrame) -> pd.DataFrame:
                               if key in closed_starts.index else math.nan
                               for i, key in enumerate(keys)]
     table["best_share"] = table["n_best"] / table["n"]
+    table["spurious_bound"] = [rule_of_three(n) if suspects == 0 and n > 0 else math.nan
+                               for n, suspects in zip(table["n"], table["n_spurious_suspect"],
+                                                      strict=True)]
     return table[list(UFM_TABLE)]
 
 

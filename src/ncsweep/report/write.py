@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -16,11 +15,7 @@ from matplotlib.figure import Figure
 
 from ncsweep.keys import COMPARED, NOT_EXPERIMENT, NOT_EXPERIMENT_PREFIXES
 from ncsweep.report.claims import (
-    COLLAPSE_FLOOR,
-    COLLAPSE_REL_TOL,
     DEFAULT_GROUP_BY,
-    TOLERANCE_PTS,
-    claim_verdicts,
     claims_table,
     not_averaged,
     other_settings,
@@ -31,8 +26,20 @@ from ncsweep.report.claims import (
 from ncsweep.report.conditions import NONE
 from ncsweep.report.document import Document
 from ncsweep.report.figures import curves_figure, resources_figure, save_png, ufm_figure
-from ncsweep.report.tables import format_claims, format_rowspace, missing
-from ncsweep.report.ufm import ufm_suspects, ufm_table
+from ncsweep.report.forest import forest_figure
+from ncsweep.report.lines import claim_verdicts
+from ncsweep.report.tables import format_claims, format_rowspace
+from ncsweep.report.ufm import ufm_suspects
+from ncsweep.report.ufm_section import ufm_section
+from ncsweep.report.verdicts import (
+    ALPHA,
+    ASSUMED_SD_PTS,
+    FLOOR,
+    MARGIN_PTS,
+    RATIO_LIMIT,
+    STABLE_BOUND,
+    verdict_table,
+)
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.+-]+")
 STATUS_ORDER = ("done", "failed", "running", "dry_run", "unreadable")
@@ -59,9 +66,15 @@ def section_title(group: dict, siblings: int = 1) -> str:
 
 
 def make_figures(runs: pd.DataFrame, history: pd.DataFrame, table: pd.DataFrame,
-                 group_by: Sequence[str]) -> dict[str, Figure]:
-    """Every figure of the report by file name: curves and resources per group, the UFM plot."""
+                 group_by: Sequence[str], verdicts: pd.DataFrame | None = None
+                 ) -> dict[str, Figure]:
+    """Every figure of the report by file name: curves and resources per group, the forest plot
+    of the verdicts, the UFM plot."""
     made: dict[str, Figure] = {}
+    if verdicts is not None:
+        forest = forest_figure(verdicts)
+        if forest is not None:
+            made["forest.png"] = forest
     for group in groups_of(table, group_by):
         name = slug(group)
         if not history.empty:
@@ -78,11 +91,12 @@ def build_document(runs: pd.DataFrame, table: pd.DataFrame, verdicts: pd.DataFra
                    sources: Sequence[str]) -> Document:
     """report.md / report.html content: counts, claims per group, UFM landscape, runs apart."""
     doc = Document("Neural Collapse sweep report")
+    doc.paragraph(how_text())
     _overview(doc, runs, sources)
     _suspect_alarm(doc, runs)
     if not table.empty:
         _claims_section(doc, runs, table, verdicts, figure_names, group_by)
-    _ufm_section(doc, runs, "ufm.png" in figure_names)
+    ufm_section(doc, runs, "ufm.png" in figure_names)
     _apart_section(doc, runs)
     doc.rule()
     doc.paragraph(f"Written by `python -m ncsweep.report` on {time.strftime('%Y-%m-%d %H:%M')}. "
@@ -122,15 +136,13 @@ def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
                   "feature_dim equals num_classes. Cells are mean ± std over seeds (ddof=1) of "
                   "finished runs at the end of training; parameter counts are the one value "
                   "of the cell's runs, or the range min-max they span, never a mean; "
-                  "NC2 is `nc2_m` (class means against "
-                  "the simplex ETF); accuracies are in percent, differences in points. "
-                  "Collapse: NC1, NC2 (nc2_m) and NC3 are each judged against the baseline, and "
-                  "for the frozen ETF head also their row-space variants (features projected "
-                  "onto the span of the head's rows, all the loss sees) where logged; a metric "
-                  f"passes within {100 * COLLAPSE_REL_TOL:g}% of the baseline or below "
-                  f"{COLLAPSE_FLOOR:g}. Memory: the CUDA peak where both sides ran on a GPU, "
-                  "else train_memory_bytes (parameters, gradients, optimizer state and saved "
-                  "activations of one step).")
+                  "NC2 is `nc2_m` (class means against the simplex ETF); accuracies are in "
+                  "percent, differences in points. Memory: the CUDA peak where both sides ran on "
+                  "a GPU, else train_memory_bytes (parameters, gradients, optimizer state and "
+                  "saved activations of one step).")
+    doc.paragraph(rules_text(verdicts))
+    if "forest.png" in figure_names:
+        doc.image("forest.png", "accuracy differences and NC ratios with their intervals")
     doc.paragraph(CONDITIONS_TEXT)
     _accounting(doc, runs, table, group_by)
     for note in repeated_seeds(runs, group_by):
@@ -157,6 +169,40 @@ def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
             name = f"{prefix}-{slug(group)}.png"
             if name in figure_names:
                 doc.image(name, f"{title}: {alt}")
+
+
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "report.md"
+
+
+def how_text() -> str:
+    """The header's one sentence on how verdicts are made, linking the full rules."""
+    target = DOCS.as_uri() if DOCS.exists() else "docs/report.md"
+    return ("How verdicts are made: each claim is a test over the seeds of both sides (a "
+            "confidence interval, not a difference of means), all tests of the report "
+            "Holm-adjusted together, and a claim is `yes` or `no` only where its interval (and, "
+            "for `yes`, its adjusted p-value) settles it, else `inconclusive` with the seeds "
+            f"that would settle it; the full rules: [docs/report.md]({target}).")
+
+
+def rules_text(verdicts: pd.DataFrame) -> str:
+    """The verdict rules with this report's margin, alpha and the number of tests adjusted."""
+    margin = verdicts.attrs.get("margin", MARGIN_PTS)
+    alpha = verdicts.attrs.get("alpha", ALPHA)
+    tests = verdicts.attrs.get("tests", 0)
+    return (f"Verdicts ({1 - 2 * alpha:.0%} intervals, alpha {alpha:g} one-sided; "
+            f"{tests} test{'s' if tests != 1 else ''} Holm-adjusted together; every number is in "
+            "verdicts.csv). Accuracy: non-inferiority of the candidate's test accuracy at a "
+            f"margin of {margin:g} points (paired t on shared seeds, else Welch): `yes` when the "
+            f"interval of candidate - baseline lies above -{margin:g} and the adjusted p-value is "
+            f"below {alpha:g}, `no` when it lies below -{margin:g}, else `inconclusive`; one "
+            "seed a side is always inconclusive, its seeds to settle planned at an assumed sd "
+            f"of {ASSUMED_SD_PTS:g} points a run. Collapse: each of nc1, nc2_m, nc3 (and the "
+            "row-space keys of a frozen head) as the ratio candidate / baseline of geometric "
+            f"means, passing when its upper bound is at most {RATIO_LIMIT:g} (and the adjusted "
+            f"p is below {alpha:g}) or every candidate run is below {FLOOR:g}, failing when its "
+            f"lower bound is above {RATIO_LIMIT:g}. Stability: `no` with any failed or diverged "
+            "candidate run, `yes` when none did and the exact 95% bound on the failure rate is "
+            f"below {STABLE_BOUND:.0%}.")
 
 
 def _spoken(items: Sequence[str]) -> str:
@@ -196,68 +242,6 @@ def _accounting(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
     doc.paragraph(text)
 
 
-def _ufm_section(doc: Document, runs: pd.DataFrame, has_figure: bool) -> None:
-    table = ufm_table(runs)
-    if table.empty:
-        return
-    doc.heading(2, "UFM landscape: every critical point at d = K is a global minimum or a "
-                   "strict saddle")
-    closed = table[table["optimum_share"].notna()]
-    n, reached = int(closed["n"].sum()), int(closed["n_optimum"].sum())
-    flagged = int(table["n_spurious_suspect"].sum())
-    at_k = closed[closed["feature_dim"] == closed["num_classes"]]
-    bullets = [f"random starts that reached the global optimum: {reached}/{n} "
-               f"({_share(reached / max(n, 1))})"]
-    if not at_k.empty:
-        k_n, k_reached = int(at_k["n"].sum()), int(at_k["n_optimum"].sum())
-        bullets.append(f"at d = K: {k_reached}/{k_n} ({_share(k_reached / k_n)}) in "
-                       f"{len(at_k)} (K, loss) cell(s)")
-    below = table[table["optimum_share"].isna()]
-    if not below.empty:
-        b_n, b_best = int(below["n"].sum()), int(below["n_best"].sum())
-        bullets.append(f"without a closed form (d < K-1): {b_best}/{b_n} starts "
-                       f"({_share(b_best / b_n)}) at the best value their run found; "
-                       f"up to {int(below['distinct_values_max'].max())} distinct final "
-                       "values in one run")
-    bullets.append(f"no spurious local minimum found: {'yes' if flagged == 0 else 'NO'} "
-                   f"({flagged} suspect{'s' if flagged != 1 else ''}; "
-                   f"{int(table['n_saddles'].sum())} start(s) above tolerance certified as "
-                   "strict saddles: a vanishing gradient and negative curvature)")
-    doc.bullets(bullets)
-    doc.paragraph("n counts random starts (a run of `arch.starts=R` counts R, any other UFM "
-                  "run one). at optimum: starts with f - f* <= probe_gap_tol against the "
-                  "closed form (- where none covers the cell); at best: starts within it of "
-                  "the best value found in their run; distinct: the most distinct final "
-                  "objective values (1e-9 relative) of one run; Hessian: the smallest "
-                  "eigenvalue probed at start 0 of each run; saddles / suspects: starts "
-                  "above tolerance with a vanishing gradient and negative curvature / and "
-                  "none (one above tolerance without a vanishing gradient has not "
-                  "converged). The per-start record of a batched run is its `starts.jsonl`.")
-    shown = table.rename(columns={"num_classes": "K", "feature_dim": "d", "d_over_k": "d/K",
-                                  "n_optimum": "at optimum", "n_best": "at best",
-                                  "distinct_values_max": "distinct",
-                                  "hessian_min_eig_min": "Hessian min eig",
-                                  "n_saddles": "saddles", "n_spurious_suspect": "suspects"})
-    for column in ("gap_median", "gap_max", "Hessian min eig", "grad_norm_max"):
-        shown[column] = shown[column].map(lambda v: "-" if missing(v) else f"{v:.3g}")
-    shown["d/K"] = shown["d/K"].map(lambda v: f"{v:.3g}")
-    shown["at optimum"] = [
-        "-" if missing(share) else f"{int(count)} ({_share(share)})"
-        for count, share in zip(shown["at optimum"], shown["optimum_share"], strict=True)]
-    shown["at best"] = [f"{int(count)} ({_share(share)})"
-                        for count, share in zip(shown["at best"], shown["best_share"],
-                                                strict=True)]
-    doc.table(shown.drop(columns=["optimum_share", "best_share", "reference"]), index=False)
-    if has_figure:
-        doc.image("ufm.png", "UFM share of starts at the optimum, distinct values and worst "
-                             "gap against d/K")
-
-
-def _share(fraction: float) -> str:
-    """A share in percent to one decimal: 997 of 1000 is 99.7%, never rounded up to 100%."""
-    return f"{math.floor(1000 * fraction + 1e-9) / 10:g}%"
-
-
 def _apart_section(doc: Document, runs: pd.DataFrame) -> None:
     apart = not_averaged(runs)
     doc.heading(2, "Runs not averaged (failed, still running, dry runs, unreadable)")
@@ -269,12 +253,15 @@ def _apart_section(doc: Document, runs: pd.DataFrame) -> None:
 
 def write_report(runs: pd.DataFrame, history: pd.DataFrame, out: str | os.PathLike,
                  group_by: Sequence[str] = DEFAULT_GROUP_BY,
-                 sources: Sequence[str] = (),
-                 tolerance_pts: float = TOLERANCE_PTS) -> list[Path]:
-    """Write runs.csv, report.md, report.html and the figures into ``out``, all or nothing."""
+                 sources: Sequence[str] = (), margin_pts: float = MARGIN_PTS,
+                 alpha: float = ALPHA) -> list[Path]:
+    """Write runs.csv, verdicts.csv, report.md, report.html and the figures into ``out``, all or
+    nothing."""
     table = claims_table(runs, group_by)
-    verdicts = claim_verdicts(table, group_by, tolerance_pts)
-    made = make_figures(runs, history, table, group_by)
+    tested = verdict_table(table, group_by, margin_pts, alpha)
+    verdicts = claim_verdicts(table, group_by, margin_pts, alpha, tested)
+    verdicts.attrs.update(tested.attrs)
+    made = make_figures(runs, history, table, group_by, tested)
     doc = build_document(runs, table, verdicts, list(made), group_by, sources)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +269,7 @@ def write_report(runs: pd.DataFrame, history: pd.DataFrame, out: str | os.PathLi
     staging.chmod(0o755)
     try:
         runs.to_csv(staging / "runs.csv", index=False)
+        tested.to_csv(staging / "verdicts.csv", index=False)
         (staging / "report.md").write_text(doc.to_markdown())
         (staging / "report.html").write_text(doc.to_html())
         for name, figure in made.items():
