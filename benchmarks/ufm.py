@@ -58,7 +58,7 @@ from ncsweep.build import Run, build_run
 from ncsweep.config import validate
 from ncsweep.data import batches
 from ncsweep.theory import ufm_objective, ufm_optimum
-from ncsweep.training import StopRequested
+from ncsweep.training import StopRequested, optimizer_step
 
 TARGET = 1.10
 GAP_TOL = 1e-8
@@ -166,7 +166,7 @@ def run_to_gap(run: Run, optimizer: torch.optim.Optimizer, star: float, cap_s: f
     trace = ObjectiveTrace(optimizer, star)
     steps = 0
     while trace.hit is None and trace.elapsed() < cap_s and steps < max_steps:
-        run.trainer._step(run.model, run.loss, optimizer, x, y)
+        optimizer_step(run.model, run.loss, optimizer, x, y)
         steps += 1
         if not math.isfinite(trace.last_gap):
             break
@@ -180,8 +180,8 @@ def run_to_gap(run: Run, optimizer: torch.optim.Optimizer, star: float, cap_s: f
 
 def lbfgs_reach(k: int, n: int, loss: str, lam: float | None) -> tuple[Reach, str]:
     """LBFGS as configured by experiment=ufm; also a line naming the lambdas, f* and regime."""
-    cfg, plain = compose_ufm(k, n, loss, lam)
-    run = build_run(cfg, plain)
+    _, plain = compose_ufm(k, n, loss, lam)
+    run = build_run(plain)
     star, regime = optimum(run)
     lambda_w, lambda_h, lambda_b = run.model.backbone.lambdas
     about = (f"lambda_W={lambda_w:g} lambda_H={lambda_h:g} lambda_b={lambda_b:g}: "
@@ -190,8 +190,8 @@ def lbfgs_reach(k: int, n: int, loss: str, lam: float | None) -> tuple[Reach, st
 
 
 def gd_reach(k: int, n: int, loss: str, lam: float | None) -> Reach:
-    cfg, plain = compose_ufm(k, n, loss, lam)
-    run = build_run(cfg, plain)
+    _, plain = compose_ufm(k, n, loss, lam)
+    run = build_run(plain)
     star, _ = optimum(run)
     optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad],
                                 lr=GD_LR[loss], momentum=0.0)
@@ -200,9 +200,9 @@ def gd_reach(k: int, n: int, loss: str, lam: float | None) -> Reach:
 
 def fit_reach(k: int, n: int, loss: str, lam: float | None) -> tuple[int | None, float]:
     """LBFGS through Trainer.fit (eval_every=1): the epoch whose eval saw gap < GAP_TOL."""
-    cfg, plain = compose_ufm(k, n, loss, lam, (f"trainer.epochs={LBFGS_MAX_STEPS}",
+    _, plain = compose_ufm(k, n, loss, lam, (f"trainer.epochs={LBFGS_MAX_STEPS}",
                                                "trainer.eval_every=1"))
-    run = build_run(cfg, plain)
+    run = build_run(plain)
     hit: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -284,7 +284,7 @@ def ncsweep_step_fn(run: Run, lr: float) -> Callable[[], None]:
     optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=lr,
                                 momentum=0.0)
     run.model.train()
-    return lambda: run.trainer._step(run.model, run.loss, optimizer, x, y)
+    return lambda: optimizer_step(run.model, run.loss, optimizer, x, y)
 
 
 def per_step_medians(fns: dict[str, Callable[[], None]], steps: int,
@@ -317,8 +317,8 @@ def step_overhead(sizes: tuple[tuple[int, int, int, int], ...]) -> list[float]:
     ratios = []
     for k, n, steps, repeats in sizes:
         for loss in LOSSES:
-            cfg, plain = compose_ufm(k, n, loss)
-            run = build_run(cfg, plain)
+            _, plain = compose_ufm(k, n, loss)
+            run = build_run(plain)
             lr = GD_LR[loss]
             fns = {"bare": bare_step_fn(run, lr), "ncsweep": ncsweep_step_fn(run, lr)}
             med = per_step_medians(fns, steps, repeats)

@@ -111,7 +111,7 @@ def validate(cfg: Any) -> dict:
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError("dataset.num_classes", num_classes, "an integer >= 2")
     head = plain["head"]
-    if head.get("_target_", "").endswith("ETFHead") and plain["feature_dim"] < num_classes - 1:
+    if _capability(head, "frozen", False) and plain["feature_dim"] < num_classes - 1:
         raise ConfigError(
             "dim",
             plain["dim"],
@@ -136,8 +136,19 @@ def validate(cfg: Any) -> dict:
     return plain
 
 
+def _capability(node: Any, name: str, default: Any) -> Any:
+    """A class attribute of the class a node's ``_target_`` names (a head's ``frozen``, a
+    backbone's ``kind``); ``default`` where it names none."""
+    from hydra.utils import get_class
+
+    try:
+        return getattr(get_class(str(node.get("_target_", ""))), name, default)
+    except Exception:
+        return default
+
+
 def _is_ufm(cfg: Any) -> bool:
-    return str(cfg["arch"].get("_target_", "")).endswith("UFMFeatures")
+    return _capability(cfg["arch"], "kind", None) == "ufm"
 
 
 def _check_pairing(cfg: Any) -> None:
