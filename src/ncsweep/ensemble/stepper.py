@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -18,8 +18,7 @@ from ncsweep.ensemble.stacked import (
 )
 from ncsweep.memory import StepMeter, TrainMemory
 from ncsweep.training.checkpoint import base_state, position, restore_rng
-
-Measure = Callable[..., dict]
+from ncsweep.training.evaluation import Measure
 
 
 class StackedStepper:

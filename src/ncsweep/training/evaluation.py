@@ -3,7 +3,7 @@ minority-class measurements, summed over the ranks of a distributed run."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -14,6 +14,8 @@ from ncsweep.nc import HeldOutNC4, NCAccumulator
 
 Row = dict[str, float]
 F64 = torch.float64
+Measure = Callable[[nn.Module, nn.Module, DataBundle, int, int, float], Row]
+"""An eval row of (model, loss, data, epoch, step, lr): ``Trainer.measure``."""
 
 
 @torch.no_grad()

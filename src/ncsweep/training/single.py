@@ -3,7 +3,7 @@ mini-batches drawn from the seed's generator, one optimiser step each."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,8 +15,7 @@ from ncsweep.data import DataBundle, batches
 from ncsweep.errors import ConfigError
 from ncsweep.memory import StepMeter, TrainMemory
 from ncsweep.training.checkpoint import base_state, check_global_batch, position, restore_rng
-
-Measure = Callable[[nn.Module, nn.Module, DataBundle, int, int, float], dict]
+from ncsweep.training.evaluation import Measure
 
 
 def optimizer_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -14,8 +14,8 @@ from torch import nn
 from ncsweep.data import DataBundle
 from ncsweep.memory import TrainMemory
 from ncsweep.training.checkpoint import base_state, position
+from ncsweep.training.evaluation import Measure
 
-Measure = Callable[[nn.Module, nn.Module, DataBundle, int, int, float], dict]
 _SCHEDULER_ORDER = re.escape("Detected call of `lr_scheduler.step()` before")
 
 
