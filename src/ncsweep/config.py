@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ncsweep.capabilities import capability
 from ncsweep.errors import ConfigError
 
 DIM_PATTERN = re.compile(r"^\s*(?:(\d+)\s*\*?\s*)?K\s*(?:([+-])\s*(\d+))?\s*$")
@@ -111,7 +112,7 @@ def validate(cfg: Any) -> dict:
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError("dataset.num_classes", num_classes, "an integer >= 2")
     head = plain["head"]
-    if _capability(head, "frozen", False) and plain["feature_dim"] < num_classes - 1:
+    if capability(head, "frozen", False) and plain["feature_dim"] < num_classes - 1:
         raise ConfigError(
             "dim",
             plain["dim"],
@@ -136,19 +137,8 @@ def validate(cfg: Any) -> dict:
     return plain
 
 
-def _capability(node: Any, name: str, default: Any) -> Any:
-    """A class attribute of the class a node's ``_target_`` names (a head's ``frozen``, a
-    backbone's ``kind``); ``default`` where it names none."""
-    from hydra.utils import get_class
-
-    try:
-        return getattr(get_class(str(node.get("_target_", ""))), name, default)
-    except Exception:
-        return default
-
-
 def _is_ufm(cfg: Any) -> bool:
-    return _capability(cfg["arch"], "kind", None) == "ufm"
+    return capability(cfg["arch"], "kind") == "ufm"
 
 
 def _check_pairing(cfg: Any) -> None:

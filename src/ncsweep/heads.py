@@ -1,4 +1,5 @@
-"""Last-layer classifiers: a learned linear head and a frozen simplex-ETF head (nc-metrics.md)."""
+"""Last-layer classifiers: a learned linear head and a frozen simplex-ETF head (nc-metrics.md);
+``frozen`` says which (ncsweep.capabilities reads it from the class a config names)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ncsweep import distributed
+from ncsweep.capabilities import capability
 from ncsweep.config import ConfigError, run_key, validate
 from ncsweep.console import setup_logging
 from ncsweep.tracking import CheckpointError, NoMirror, RunFolder, WandbMirror, write_atomic
@@ -95,14 +96,8 @@ def code_version() -> dict:
 
 def run_identity(cfg: DictConfig, context: JobContext) -> dict:
     """What ``run.json`` records: known before validation, so a run failing it still has one."""
-    from hydra.utils import get_class
-
     choice = context.choices
-    head = cfg.get("head") or {}
-    try:
-        frozen = bool(get_class(head.get("_target_", "")).frozen)
-    except Exception:
-        frozen = False
+    frozen = capability(cfg.get("head") or {}, "frozen", False)
     return {
         "name": context.name, "run_key": context.key,
         **{group: choice.get(group) for group in IDENTITY_GROUPS},

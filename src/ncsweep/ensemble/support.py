@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from hydra.utils import get_class
-
+from ncsweep.capabilities import capability
 from ncsweep.errors import ConfigError
 
 OPTIMIZERS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"}
 KINDS = ("mlp", "ufm")
 LOSSES = ("ncsweep.losses.CrossEntropy", "ncsweep.losses.HalfSquaredError")
 WITH = "with trainer.ensemble=true"
-
-
-def _class_of(node: dict) -> type | None:
-    """The class a config node's ``_target_`` names; None where it names none."""
-    try:
-        return get_class(node.get("_target_", ""))
-    except Exception:
-        return None
 
 
 def check_supported(plain: dict) -> None:
@@ -28,7 +19,7 @@ def check_supported(plain: dict) -> None:
         raise ConfigError("optim", name, f"sgd, adam or adamw {WITH} (elementwise optimisers; "
                           "a line search couples a member's steps)")
     arch = plain["arch"]
-    if getattr(_class_of(arch), "kind", None) not in KINDS:
+    if capability(arch, "kind") not in KINDS:
         name = arch.get("_target_", "").rsplit(".", 1)[-1].lower()
         raise ConfigError("arch", name, f"mlp or ufm {WITH} (convolutional backbones have no "
                           "batched kernels here)")
@@ -39,7 +30,7 @@ def check_supported(plain: dict) -> None:
     if arch.get("starts") is not None:
         raise ConfigError("arch.starts", arch["starts"], f"null {WITH} (batched starts are "
                           "one batched run already)")
-    if not isinstance(getattr(_class_of(plain["head"]), "frozen", None), bool):
+    if not isinstance(capability(plain["head"], "frozen"), bool):
         raise ConfigError("head", plain["head"].get("_target_"), f"learned or etf {WITH}")
     if plain["loss"].get("_target_") not in LOSSES:
         raise ConfigError("loss", plain["loss"].get("_target_"), f"ce or mse {WITH}")
