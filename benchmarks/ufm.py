@@ -12,7 +12,7 @@ the model is ``Network(UFMFeatures, LearnedHead)`` and f* is ``UFMFeatures.optim
      loss (GD_LR below: MSE 1, as the MSE bias block has curvature exactly 1, so lr < 2 is
      needed and lr 2 already stalled at K=10; CE 10, from a scan of 1, 3, 10, 15, 20, 30 at
      K=10 in which 20 was the fastest to converge and 30 did not, so 10 keeps a margin).
-   Each step is ``Trainer._step`` (the step ``Trainer.fit`` takes for each batch: a closure
+   Each step is ``optimizer_step`` (the step ``Trainer.fit`` takes for each batch: a closure
    returning loss + model.penalty()) on the run's model, loss and optimiser, fed the full
    batch as ``Trainer.fit`` feeds it (one shuffled batch from ``data.batches``). On the full
    batch the closure's value is f itself, so every evaluation is checked at no extra cost
@@ -25,7 +25,7 @@ the model is ``Network(UFMFeatures, LearnedHead)`` and f* is ``UFMFeatures.optim
 2. The same at K = 100, n = 50 (d = K). With the default lambdas K sqrt(n lambda_W lambda_H)
    > 1, so f* is the zero solution; LBFGS is also run at lambda_W = lambda_H = 5e-4 (an
    ETF optimum). GD is run at the default lambdas only, with a time cap (GD_CAP_S[K]).
-3. Step overhead: ``Trainer._step`` on the built model (SGD, full batch as fit feeds it)
+3. Step overhead: ``optimizer_step`` on the built model (SGD, full batch as fit feeds it)
    against a bare step on plain leaf tensors W, H, b with the same objective written inline
    (logits H W^T + b, one-hot MSE target made once) and the same SGD, K=10, n=100 and
    K=100, n=50, CE and MSE. The two sides take turns step by step; the figure is the median
@@ -279,7 +279,7 @@ def bare_step_fn(run: Run, lr: float) -> Callable[[], None]:
 
 
 def ncsweep_step_fn(run: Run, lr: float) -> Callable[[], None]:
-    """Trainer._step on the built model, fed the full batch as Trainer.fit feeds it."""
+    """optimizer_step on the built model, fed the full batch as Trainer.fit feeds it."""
     x, y = full_batch(run, 0)
     optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=lr,
                                 momentum=0.0)
@@ -346,7 +346,7 @@ def main() -> None:
         print("2. the same at K=100 n=50 d=K")
         time_to_optimum(100, 50, (None, 5e-4), gd=True, via_fit=False)
         sizes += ((100, 50, 8, 15),)
-    print("3. step overhead: Trainer._step (SGD, full batch as fit feeds it) / bare PyTorch step")
+    print("3. step overhead: optimizer_step (SGD, full batch as fit feeds it) / bare PyTorch step")
     ratios = step_overhead(sizes)
     worst = max(ratios)
     verdict = "PASS" if worst <= TARGET else "FAIL"
