@@ -75,7 +75,7 @@ def ufm_run(starts: str, seed: int = 0) -> tuple[float, dict]:
         cfg = compose("config", overrides=[*UFM_CELL, f"arch.starts={starts}", f"seed={seed}"])
     plain = validate(cfg)
     started = time.perf_counter()
-    run = build_run(cfg, plain)
+    run = build_run(plain)
     result = run.trainer.fit(run.model, run.loss, run.optimizer, run.scheduler, run.data,
                              plain["seed"])
     summary = {**result.final, **run.final_checks(result.final)}

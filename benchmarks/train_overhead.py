@@ -176,7 +176,7 @@ def interleaved_pair(cfg: object, plain: dict, folder: RunFolder, data: DataBund
                      ) -> dict:
     """One ncsweep run (Trainer.fit wired to a RunFolder as jobs.execute wires it) with the
     bare loop's epochs run between its epochs; each side's (wall, CPU) seconds."""
-    run = build_run(cfg, plain)
+    run = build_run(plain)
     bare = BareLoop(plain, data) if with_bare else None
     folder.reset()
     folder.write_config(plain)

@@ -12,7 +12,7 @@ the model is ``Network(UFMFeatures, LearnedHead)`` and f* is ``UFMFeatures.optim
      loss (GD_LR below: MSE 1, as the MSE bias block has curvature exactly 1, so lr < 2 is
      needed and lr 2 already stalled at K=10; CE 10, from a scan of 1, 3, 10, 15, 20, 30 at
      K=10 in which 20 was the fastest to converge and 30 did not, so 10 keeps a margin).
-   Each step is ``Trainer._step`` (the step ``Trainer.fit`` takes for each batch: a closure
+   Each step is ``optimizer_step`` (the step ``Trainer.fit`` takes for each batch: a closure
    returning loss + model.penalty()) on the run's model, loss and optimiser, fed the full
    batch as ``Trainer.fit`` feeds it (one shuffled batch from ``data.batches``). On the full
    batch the closure's value is f itself, so every evaluation is checked at no extra cost
@@ -25,7 +25,7 @@ the model is ``Network(UFMFeatures, LearnedHead)`` and f* is ``UFMFeatures.optim
 2. The same at K = 100, n = 50 (d = K). With the default lambdas K sqrt(n lambda_W lambda_H)
    > 1, so f* is the zero solution; LBFGS is also run at lambda_W = lambda_H = 5e-4 (an
    ETF optimum). GD is run at the default lambdas only, with a time cap (GD_CAP_S[K]).
-3. Step overhead: ``Trainer._step`` on the built model (SGD, full batch as fit feeds it)
+3. Step overhead: ``optimizer_step`` on the built model (SGD, full batch as fit feeds it)
    against a bare step on plain leaf tensors W, H, b with the same objective written inline
    (logits H W^T + b, one-hot MSE target made once) and the same SGD, K=10, n=100 and
    K=100, n=50, CE and MSE. The two sides take turns step by step; the figure is the median
@@ -58,7 +58,7 @@ from ncsweep.build import Run, build_run
 from ncsweep.config import validate
 from ncsweep.data import batches
 from ncsweep.theory import ufm_objective, ufm_optimum
-from ncsweep.training import StopRequested
+from ncsweep.training import StopRequested, optimizer_step
 
 TARGET = 1.10
 GAP_TOL = 1e-8
@@ -166,7 +166,7 @@ def run_to_gap(run: Run, optimizer: torch.optim.Optimizer, star: float, cap_s: f
     trace = ObjectiveTrace(optimizer, star)
     steps = 0
     while trace.hit is None and trace.elapsed() < cap_s and steps < max_steps:
-        run.trainer._step(run.model, run.loss, optimizer, x, y)
+        optimizer_step(run.model, run.loss, optimizer, x, y)
         steps += 1
         if not math.isfinite(trace.last_gap):
             break
@@ -180,8 +180,8 @@ def run_to_gap(run: Run, optimizer: torch.optim.Optimizer, star: float, cap_s: f
 
 def lbfgs_reach(k: int, n: int, loss: str, lam: float | None) -> tuple[Reach, str]:
     """LBFGS as configured by experiment=ufm; also a line naming the lambdas, f* and regime."""
-    cfg, plain = compose_ufm(k, n, loss, lam)
-    run = build_run(cfg, plain)
+    _, plain = compose_ufm(k, n, loss, lam)
+    run = build_run(plain)
     star, regime = optimum(run)
     lambda_w, lambda_h, lambda_b = run.model.backbone.lambdas
     about = (f"lambda_W={lambda_w:g} lambda_H={lambda_h:g} lambda_b={lambda_b:g}: "
@@ -190,8 +190,8 @@ def lbfgs_reach(k: int, n: int, loss: str, lam: float | None) -> tuple[Reach, st
 
 
 def gd_reach(k: int, n: int, loss: str, lam: float | None) -> Reach:
-    cfg, plain = compose_ufm(k, n, loss, lam)
-    run = build_run(cfg, plain)
+    _, plain = compose_ufm(k, n, loss, lam)
+    run = build_run(plain)
     star, _ = optimum(run)
     optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad],
                                 lr=GD_LR[loss], momentum=0.0)
@@ -200,9 +200,9 @@ def gd_reach(k: int, n: int, loss: str, lam: float | None) -> Reach:
 
 def fit_reach(k: int, n: int, loss: str, lam: float | None) -> tuple[int | None, float]:
     """LBFGS through Trainer.fit (eval_every=1): the epoch whose eval saw gap < GAP_TOL."""
-    cfg, plain = compose_ufm(k, n, loss, lam, (f"trainer.epochs={LBFGS_MAX_STEPS}",
+    _, plain = compose_ufm(k, n, loss, lam, (f"trainer.epochs={LBFGS_MAX_STEPS}",
                                                "trainer.eval_every=1"))
-    run = build_run(cfg, plain)
+    run = build_run(plain)
     hit: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -279,12 +279,12 @@ def bare_step_fn(run: Run, lr: float) -> Callable[[], None]:
 
 
 def ncsweep_step_fn(run: Run, lr: float) -> Callable[[], None]:
-    """Trainer._step on the built model, fed the full batch as Trainer.fit feeds it."""
+    """optimizer_step on the built model, fed the full batch as Trainer.fit feeds it."""
     x, y = full_batch(run, 0)
     optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=lr,
                                 momentum=0.0)
     run.model.train()
-    return lambda: run.trainer._step(run.model, run.loss, optimizer, x, y)
+    return lambda: optimizer_step(run.model, run.loss, optimizer, x, y)
 
 
 def per_step_medians(fns: dict[str, Callable[[], None]], steps: int,
@@ -317,8 +317,8 @@ def step_overhead(sizes: tuple[tuple[int, int, int, int], ...]) -> list[float]:
     ratios = []
     for k, n, steps, repeats in sizes:
         for loss in LOSSES:
-            cfg, plain = compose_ufm(k, n, loss)
-            run = build_run(cfg, plain)
+            _, plain = compose_ufm(k, n, loss)
+            run = build_run(plain)
             lr = GD_LR[loss]
             fns = {"bare": bare_step_fn(run, lr), "ncsweep": ncsweep_step_fn(run, lr)}
             med = per_step_medians(fns, steps, repeats)
@@ -346,7 +346,7 @@ def main() -> None:
         print("2. the same at K=100 n=50 d=K")
         time_to_optimum(100, 50, (None, 5e-4), gd=True, via_fit=False)
         sizes += ((100, 50, 8, 15),)
-    print("3. step overhead: Trainer._step (SGD, full batch as fit feeds it) / bare PyTorch step")
+    print("3. step overhead: optimizer_step (SGD, full batch as fit feeds it) / bare PyTorch step")
     ratios = step_overhead(sizes)
     worst = max(ratios)
     verdict = "PASS" if worst <= TARGET else "FAIL"

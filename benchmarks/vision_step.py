@@ -7,7 +7,8 @@ the peak memory of d = 512 (learned classifier) against d = K (fixed simplex ETF
 Both loops train the same network (torchvision's ResNet18 with the CIFAR stem, K = 10,
 batch 128, 32x32, SGD with momentum and weight decay) on random data held in memory. ncsweep's
 side goes through ``data.batches`` (uint8 images normalised per batch on the device) and
-``Trainer._step``; the bare side slices a float tensor and calls forward/backward/step. The
+``ncsweep.training.optimizer_step``; the bare side slices a float tensor and calls
+forward/backward/step. The
 two alternate within one process (the order flips every repeat) and the ratio is taken of
 the medians. Memory is measured in a fresh process per configuration (CPU: peak RSS, which
 only a new process resets cleanly; CUDA: max_memory_allocated and max_memory_reserved).
@@ -35,7 +36,7 @@ from ncsweep.heads import ETFHead, LearnedHead
 from ncsweep.losses import CrossEntropy
 from ncsweep.memory import read_peak, reset_peak
 from ncsweep.models import Network, ResNet
-from ncsweep.training import Trainer, count_parameters
+from ncsweep.training import count_parameters, optimizer_step
 
 K = 10
 SHAPE = (3, 32, 32)
@@ -77,7 +78,6 @@ def time_steps(args: argparse.Namespace, device: torch.device) -> dict:
     split = Split(images, labels, view=view)
     floats = view(images)  # the bare loop gets its inputs ready-made
 
-    trainer = Trainer(device=str(device), batch_size=args.batch, progress=False)
     ours = ncsweep_model(512, "learned", args.stem).to(device).train()
     ours_opt, ours_loss = sgd(ours), CrossEntropy()
     bare = bare_model(args.stem).to(device).train()
@@ -88,7 +88,7 @@ def time_steps(args: argparse.Namespace, device: torch.device) -> dict:
         for i, (x, y) in enumerate(batches(split, args.batch, generator, augment=True)):
             if i == steps:
                 break
-            trainer._step(ours, ours_loss, ours_opt, x, y)
+            optimizer_step(ours, ours_loss, ours_opt, x, y)
 
     def run_bare(steps: int) -> None:
         order = torch.randperm(n, device=device)
@@ -142,9 +142,8 @@ def measure_memory(dim: int, head: str, args: argparse.Namespace) -> dict:
     reset_peak(device)
     model = ncsweep_model(dim, head, args.stem).to(device).train()
     optimizer, loss = sgd(model), CrossEntropy()
-    trainer = Trainer(device=str(device), batch_size=args.batch, progress=False)
     for _ in range(2):  # the second step holds the momentum buffers too
-        trainer._step(model, loss, optimizer, x, y)
+        optimizer_step(model, loss, optimizer, x, y)
     peak = read_peak(device)
     total, trainable = count_parameters(model)
     return {"dim": dim, "head": head, "params_total": total, "params_trainable": trainable,

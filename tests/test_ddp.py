@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from ncsweep.config import validate
-from ncsweep.data.images import ImageView
+from ncsweep.data import ImageView
 from ncsweep.errors import ConfigError
 from ncsweep.launcher.plan import ranks
 from ncsweep.tracking import RunFolder
-from ncsweep.training import Trainer
+from ncsweep.training import Trainer, check_global_batch
 from tests.support import (
     compose_cfg,
     exits_within,
@@ -213,7 +213,7 @@ def test_sync_batchnorm_and_a_changed_global_batch_are_refused() -> None:
     trainer = Trainer(device="cpu", batch_size=64)
     state = {"global_batch_size": 128, "world_size": 2}
     with pytest.raises(ConfigError, match=r"trainer\.batch_size.*128, the global batch"):
-        trainer._restore(state, None, None, None, None)  # type: ignore[arg-type]
+        check_global_batch(state, trainer.batch_size)
 
 
 def test_shards_of_an_augmented_batch_are_the_one_process_batch() -> None:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +14,7 @@ from ncsweep.config import ConfigError, validate
 from ncsweep.data import batches
 from ncsweep.ensemble import Stacked, build_members, check_supported, member_losses
 from ncsweep.nc import KEYS
+from ncsweep.stopping import SIGNAL_AT_STEP
 from ncsweep.tracking import RunFolder
 from tests.support import compose_cfg, run_cli, run_cli_beside
 
@@ -60,13 +57,11 @@ def solo_and_ensemble(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
 
 
 def test_members_start_from_their_solo_runs_weights() -> None:
-    configs = []
-    for seed in range(4):
-        cfg = compose_cfg(["logger=none", f"seed={seed}", "arch.width=32"])
-        configs.append((cfg, validate(cfg)))
+    configs = [validate(compose_cfg(["logger=none", f"seed={seed}", "arch.width=32"]))
+               for seed in range(4)]
     stacked = Stacked([run.model for run in build_members(configs)])
-    for r, (cfg, plain) in enumerate(configs):
-        solo = build_run(cfg, plain).model
+    for r, plain in enumerate(configs):
+        solo = build_run(plain).model
         named = [*solo.named_parameters(), *solo.named_buffers()]
         assert all(torch.equal(stacked.tensors[name][r], t) for name, t in named)
     assert not torch.equal(stacked.tensors["head.weight"][0], stacked.tensors["head.weight"][1])
@@ -115,7 +110,7 @@ def test_the_batched_mlp_is_the_solo_mlp_to_float64_precision(device: str) -> No
     runs = []
     for seed in (0, 1):
         cfg = compose_cfg(["logger=none", f"seed={seed}", "arch.width=32"])
-        run = build_run(cfg, validate(cfg))
+        run = build_run(validate(cfg))
         runs.append(run)
         run.model.double().to(device).train()
     stacked = Stacked([r.model for r in runs])
@@ -181,20 +176,13 @@ def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path: P
     plain = run_cli_beside(LONG, reference)  # the uninterrupted ensemble
     root = tmp_path / "interrupted"
     root.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", *LONG], cwd=root, text=True,
-                            env={**os.environ, "WANDB_ERROR_REPORTING": "false"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        rows = [len(RunFolder(p.parent).read_metrics())
-                for p in root.glob("multirun/ens/*/metrics.jsonl")]
-        if len(rows) == 2 and min(rows) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the ensemble finished before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM
+    # 23 steps an epoch (1437 train samples in batches of 64): a SIGTERM in epoch 5, after the
+    # eval rows of epochs 0, 2 and 4, at a fixed step so no timing decides where it stops
+    stopped = run_cli(LONG, root, env={SIGNAL_AT_STEP: f"{4 * 23 + 11}:SIGTERM"})
+    rows = [len(RunFolder(p.parent).read_metrics())
+            for p in root.glob("multirun/ens/*/metrics.jsonl")]
+    assert rows == [3, 3], "the ensemble was not interrupted where it was asked to stop"
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     again = run_cli(LONG, root)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 done" in again.stdout and "ensemble: 2 seeds" in again.stdout

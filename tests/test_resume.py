@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,12 +13,14 @@ import pytest
 
 from ncsweep.config import run_key
 from ncsweep.nc import KEYS
+from ncsweep.stopping import SIGNAL_AT_STEP
 from ncsweep.tracking import RunFolder
 from tests.support import run_cli
 
 RUN = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "arch.width=64",
        "trainer.epochs=24", "trainer.eval_every=2", "trainer.checkpoint_every=1",
        "trainer.batch_size=64", "name=resume"]
+STEPS_PER_EPOCH = 23  # the digits' 1437 train samples in batches of 64
 COMPARED = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", *KEYS)
 
 
@@ -39,22 +40,13 @@ def uninterrupted(root: Path) -> RunFolder:
 
 
 def start_and_interrupt(root: Path, signum: int, after_rows: int) -> int:
-    """Start the CLI, wait until it has logged some eval rows, then signal it."""
-    env = {**os.environ, "WANDB_ERROR_REPORTING": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "ncsweep", *RUN], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list(root.glob("outputs/resume/*/metrics.jsonl"))
-        metrics = found[0] if found else None
-        if metrics and len(metrics.read_text().splitlines()) >= after_rows:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    proc.send_signal(signum)
-    proc.communicate(timeout=60)
-    return proc.returncode
+    """Run the CLI and have it signal itself in the epoch after its ``after_rows``-th eval
+    row, at a fixed step (``NCSWEEP_SIGNAL_AT_STEP``), so no timing decides where it stops."""
+    steps = 2 * (after_rows - 1) * STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2
+    result = run_cli(RUN, root, env={SIGNAL_AT_STEP: f"{steps}:{signal.Signals(signum).name}"})
+    rows = only_run(root).read_metrics()
+    assert len(rows) == after_rows, "the run was not interrupted where it was asked to stop"
+    return result.returncode
 
 
 def interrupted_then_resumed(root: Path, signum: int) -> tuple[int, str, RunFolder]:

@@ -55,3 +55,24 @@ def test_a_builder_config_error_is_one_line_alone_and_a_failed_job_in_a_sweep(tm
         "ConfigError: arch.activation='swish' is not allowed: one of relu, gelu, tanh, silu")
     assert json.loads(failed.file("run.json").read_text())["arch"] == "mlp"
     assert "Traceback" not in sweep.stderr
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path) -> None:
+    import torch
+
+    from ncsweep.tracking import CheckpointError
+
+    folder = RunFolder(tmp_path)
+    torch.save({"format": "ncsweep-checkpoint-0", "run_key": "k", "epoch": 1},
+               folder.file("checkpoint.pt"))
+    with pytest.raises(CheckpointError) as err:
+        folder.load_checkpoint("k")
+    message = str(err.value)
+    assert "'ncsweep-checkpoint-0'" in message and "ncsweep-checkpoint-1" in message
+    assert "\n" not in message
+
+
+def test_a_checkpoint_without_the_batch_fields_resumes_at_the_configured_batch() -> None:
+    from ncsweep.training import check_global_batch
+
+    check_global_batch({"epoch": 2, "batch": 0, "step": 10}, 64)  # no global_batch_size

@@ -128,3 +128,18 @@ def test_the_default_etf_collapses_at_d_equals_k_where_a_rotated_one_does_not(
         assert summary["nc2_m"] < 0.1 and summary["nc3"] < 0.1
     else:
         assert summary["nc2_m"] > 0.3 and summary["nc3"] > 0.3
+
+
+def test_a_planned_signal_arrives_after_its_steps(monkeypatch) -> None:
+    from ncsweep.stopping import SIGNAL_AT_STEP, StopFlag
+
+    monkeypatch.setenv(SIGNAL_AT_STEP, "2:SIGUSR2")
+    flag = StopFlag()
+    flag.install()
+    try:
+        assert [flag() for _ in range(4)] == [False, False, True, True]
+    finally:
+        flag.restore()
+    monkeypatch.setenv(SIGNAL_AT_STEP, "two:SIGTERM")
+    with pytest.raises(ValueError, match="NCSWEEP_SIGNAL_AT_STEP='two:SIGTERM' is not allowed"):
+        StopFlag()

@@ -46,7 +46,7 @@ def trained(overrides: list[str], epochs: int = 30):
     cfg = compose_cfg([*SMALL, f"trainer.epochs={epochs}", f"trainer.eval_every={epochs}",
                        *overrides])
     plain = validate(cfg)
-    run = build_run(cfg, plain)
+    run = build_run(plain)
     result = run.trainer.fit(run.model, run.loss, run.optimizer, run.scheduler, run.data,
                              seed=plain["seed"])
     run.model.eval()
@@ -237,12 +237,12 @@ def test_a_clean_run_logs_no_noise_keys_and_rate_zero_logs_them() -> None:
     zero = load(["dataset.label_noise=pair", "dataset.label_noise_rate=0"])
     assert zero.info["label_noise_actual"] == 0.0 and zero.train.clean_labels is not None
     cfg = compose_cfg([*SMALL, "dataset.label_noise=pair", "dataset.label_noise_rate=0"])
-    run = build_run(cfg, validate(cfg))
+    run = build_run(validate(cfg))
     row = evaluate(run.model, run.loss, run.data, 4096, 512 * 2**20)
     assert row["nc1_clean"] == row["nc1"] and row["train_acc_clean"] == row["train_acc"]
     assert "memorization" not in row  # no label was flipped
     clean_cfg = compose_cfg(SMALL)
-    clean_run = build_run(clean_cfg, validate(clean_cfg))
+    clean_run = build_run(validate(clean_cfg))
     clean_row = evaluate(clean_run.model, clean_run.loss, clean_run.data, 4096, 512 * 2**20)
     assert not [k for k in clean_row if k.endswith("_clean") or "minority" in k
                 or k.startswith("test_acc_class_") or k == "memorization"]

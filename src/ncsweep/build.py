@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torch import nn
 
 from ncsweep.data import DataBundle
 from ncsweep.models import Network
 from ncsweep.tracking import WandbMirror
 from ncsweep.training import Trainer, count_parameters
+
+JOB_FLAGS = ("dry_run", "resume", "ensemble")  # conf/trainer keys the job reads, not the Trainer
 
 
 @dataclass
@@ -41,20 +43,22 @@ class Run:
         return self.model.backbone.final_checks(self.model.head, self.loss, final)
 
 
-def build_run(cfg: DictConfig, plain: dict, read_data: bool = True) -> Run:
-    """Build in a fixed order after seeding, so that a seed fixes every initial weight."""
-    trainer: Trainer = instantiate(cfg.trainer)
+def build_run(plain: Mapping, read_data: bool = True) -> Run:
+    """Build from the resolved config (``validate``'s), in a fixed order after seeding, so that
+    a seed fixes every initial weight; nothing is read from Hydra's runtime."""
+    settings = {k: v for k, v in plain["trainer"].items() if k not in JOB_FLAGS}
+    trainer: Trainer = instantiate(settings)
     trainer.seed_everything(plain["seed"])
-    data = instantiate(cfg.dataset).to(trainer.device) if read_data else None
+    data = instantiate(plain["dataset"]).to(trainer.device) if read_data else None
     num_classes = plain["dataset"]["num_classes"]
     input_shape = tuple(plain["dataset"]["input_shape"])
     dim = plain["feature_dim"]
-    backbone = instantiate(cfg.arch, input_shape=input_shape, feature_dim=dim)
-    head = instantiate(cfg.head, num_classes=num_classes, feature_dim=dim)
+    backbone = instantiate(plain["arch"], input_shape=input_shape, feature_dim=dim)
+    head = instantiate(plain["head"], num_classes=num_classes, feature_dim=dim)
     dtype = getattr(backbone, "dtype", torch.float32)
     model = Network(backbone, head).to(device=trainer.device, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optim)(params)
-    scheduler = instantiate(cfg.schedule)(optimizer, epochs=plain["trainer"]["epochs"])
-    return Run(data, model, instantiate(cfg.loss), optimizer, scheduler, trainer,
-               instantiate(cfg.logger))
+    optimizer = instantiate(plain["optim"])(params)
+    scheduler = instantiate(plain["schedule"])(optimizer, epochs=plain["trainer"]["epochs"])
+    return Run(data, model, instantiate(plain["loss"]), optimizer, scheduler, trainer,
+               instantiate(plain["logger"]))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from ncsweep.capabilities import capability
 from ncsweep.errors import ConfigError
 from ncsweep.keys import override_values, parse_override
 
@@ -115,7 +116,7 @@ def validate(cfg: Any) -> dict:
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError("dataset.num_classes", num_classes, "an integer >= 2")
     head = plain["head"]
-    if head.get("_target_", "").endswith("ETFHead") and plain["feature_dim"] < num_classes - 1:
+    if capability(head, "frozen", False) and plain["feature_dim"] < num_classes - 1:
         raise ConfigError(
             "dim",
             plain["dim"],
@@ -141,7 +142,7 @@ def validate(cfg: Any) -> dict:
 
 
 def _is_ufm(cfg: Any) -> bool:
-    return str(cfg["arch"].get("_target_", "")).endswith("UFMFeatures")
+    return capability(cfg["arch"], "kind") == "ufm"
 
 
 def _check_pairing(cfg: Any) -> None:

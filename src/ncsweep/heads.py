@@ -1,4 +1,5 @@
-"""Last-layer classifiers: a learned linear head and a frozen simplex-ETF head (docs/metrics.md)."""
+"""Last-layer classifiers: a learned linear head and a frozen simplex-ETF head (docs/metrics.md);
+``frozen`` says which (ncsweep.capabilities reads it from the class a config names)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def _orthonormal_columns(rows: int, cols: int, embedding: str, seed: int) -> tor
 class LearnedHead(nn.Linear):
     """A trainable linear classifier W h + b."""
 
+    frozen = False
+
     def __init__(self, num_classes: int, feature_dim: int, bias: bool = True) -> None:
         super().__init__(feature_dim, num_classes, bias=bias)
 
@@ -62,6 +65,8 @@ class ETFHead(nn.Module):
     The weight is a parameter with ``requires_grad=False`` so that it counts in
     ``params_total`` but not in ``params_trainable``, and is saved with the model.
     """
+
+    frozen = True
 
     def __init__(self, num_classes: int, feature_dim: int, bias: bool = True,
                  embedding: str = "coordinate", seed: int = 0) -> None:

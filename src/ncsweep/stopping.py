@@ -4,6 +4,7 @@ the launcher's own handler (submitit's requeue) once the running run is saved.""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -12,6 +13,22 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+SIGNAL_AT_STEP = "NCSWEEP_SIGNAL_AT_STEP"
+
+
+def planned_signal() -> tuple[int, int] | None:
+    """A testing aid: ``NCSWEEP_SIGNAL_AT_STEP=STEPS:SIGNAME`` (e.g. ``148:SIGTERM``) makes a
+    run send itself that signal after this process's first STEPS steps, where the loop checks
+    for a stop: an interruption at a chosen step, the same on every machine and load."""
+    value = os.environ.get(SIGNAL_AT_STEP)
+    if not value:
+        return None
+    steps, _, name = value.partition(":")
+    try:
+        return int(steps), int(getattr(signal, name or "SIGTERM"))
+    except (ValueError, AttributeError):
+        raise ValueError(f"{SIGNAL_AT_STEP}={value!r} is not allowed: STEPS:SIGNAME, e.g. "
+                         "148:SIGTERM") from None
 
 
 def hand_on(signum: int | None, handler: Callable | Any) -> None:
@@ -37,8 +54,15 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.planned = planned_signal()
+        self.polls = 0
 
     def __call__(self) -> bool:
+        if self.planned is not None:
+            self.polls += 1
+            steps, signum = self.planned
+            if self.polls == steps + 1:
+                signal.raise_signal(signum)  # its Python handler runs before this returns
         return self.signum is not None
 
     def install(self) -> None:

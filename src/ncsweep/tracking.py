@@ -31,16 +31,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: corrupt, foreign, or missing when required."""
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON values; non-finite floats become None so every file stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return _jsonable(value.item())
+        return jsonable(value.item())
     return value
 
 
@@ -110,14 +110,14 @@ class RunFolder:
         """The run's identity (``run.json``), written at job start so even a failed run has one."""
         self.path.mkdir(parents=True, exist_ok=True)
         record = {"format": RUN_FORMAT, **identity}
-        write_atomic(self.file(RUN_FILE), json.dumps(_jsonable(record), indent=2))
+        write_atomic(self.file(RUN_FILE), json.dumps(jsonable(record), indent=2))
 
     def read_run(self) -> dict:
         return json.loads(self.file(RUN_FILE).read_text())
 
     @_writes
     def write_config(self, config: Mapping) -> None:
-        write_atomic(self.file(CONFIG_FILE), json.dumps(_jsonable(config), indent=2))
+        write_atomic(self.file(CONFIG_FILE), json.dumps(jsonable(config), indent=2))
 
     def read_config(self) -> dict:
         return json.loads(self.file(CONFIG_FILE).read_text())
@@ -126,7 +126,7 @@ class RunFolder:
     def append_metrics(self, row: Mapping) -> None:
         """Append one eval row and flush it, so a killed run keeps every row it logged."""
         with open(self.file(METRICS_FILE), "a") as handle:
-            handle.write(json.dumps(_jsonable(row)) + "\n")
+            handle.write(json.dumps(jsonable(row)) + "\n")
             handle.flush()
 
     def read_metrics(self) -> list[dict]:
@@ -146,11 +146,11 @@ class RunFolder:
     def keep_metrics(self, rows: Iterable[Mapping]) -> None:
         """Replace the metrics file by ``rows`` (used on resume, so no row is written twice)."""
         write_atomic(self.file(METRICS_FILE),
-                     "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+                     "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
 
     @_writes
     def write_summary(self, summary: Mapping) -> None:
-        write_atomic(self.file(SUMMARY_FILE), json.dumps(_jsonable(summary), indent=2))
+        write_atomic(self.file(SUMMARY_FILE), json.dumps(jsonable(summary), indent=2))
 
     def read_summary(self) -> dict:
         return json.loads(self.file(SUMMARY_FILE).read_text())
@@ -209,9 +209,13 @@ class RunFolder:
             raise CheckpointError(
                 f"checkpoint {path} cannot be read ({type(err).__name__}: corrupt, truncated or "
                 "not a safe checkpoint); delete it or run with trainer.resume=never") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(state, dict) or "format" not in state:
             raise CheckpointError(f"checkpoint {path} is not an ncsweep checkpoint; delete it or "
                                   "run with trainer.resume=never")
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {path} has format {state['format']!r}; this "
+                                  f"version resumes {CHECKPOINT_FORMAT!r} only: delete it or run "
+                                  "with trainer.resume=never")
         if state.get("run_key") != run_key:
             raise CheckpointError(f"checkpoint {path} belongs to run {state.get('run_key')!r}, "
                                   f"not {run_key!r}; delete it or run with trainer.resume=never")
@@ -261,7 +265,7 @@ class WandbMirror:
         return wandb.init(
             project=self.project, entity=self.entity, mode=mode, tags=self.tags,
             dir=str(run_dir), id=run_id, name=name, group=group, resume="allow",
-            config=_jsonable(config), reinit="finish_previous",
+            config=jsonable(config), reinit="finish_previous",
             settings=wandb.Settings(**settings),
         )
 
@@ -282,13 +286,13 @@ class WandbMirror:
 
     def log(self, row: Mapping, step: int) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in _jsonable(row).items() if v is not None}, step=step)
+            self.run.log({k: v for k, v in jsonable(row).items() if v is not None}, step=step)
 
     def finish(self, summary: Mapping | None = None, exit_code: int = 0) -> None:
         if self.run is None:
             return
         if summary:
-            self.run.summary.update({k: v for k, v in _jsonable(summary).items()
+            self.run.summary.update({k: v for k, v in jsonable(summary).items()
                                      if isinstance(v, (int, float, str, bool))})
         self.run.finish(exit_code=exit_code)
         self.run = None

@@ -3,10 +3,11 @@
 ``trainer.ensemble=true`` makes the launchers hand such jobs over together. Each member is
 built exactly as its solo run (``build_run`` after its own seed), so it starts from the solo
 run's weights; its batches come from its own ``torch.Generator().manual_seed(seed)``, drawn
-as ``Trainer.fit`` draws them. The members' tensors are then stacked on a leading member
+as a solo run draws them. The members' tensors are then stacked on a leading member
 dimension and trained by batched matmuls (``torch.baddbmm``) with one elementwise optimiser
 over the stacked tensors, which is each member's own optimiser state side by side. Batch norm
-keeps per-member running statistics, updated from each member's own batch.
+keeps per-member running statistics, updated from each member's own batch. The loop is the
+Trainer's (``Trainer.run`` with a :class:`StackedStepper`).
 
 Supported: ``arch=mlp`` (``arch.freeze=none``) and ``arch=ufm`` (single start), either head,
 ``loss=ce|mse``, ``optim=sgd|adam`` (AdamW too). Eval points, checkpoints, summaries and W&B
@@ -16,8 +17,10 @@ trained one after another instead.
 """
 
 
-from ncsweep.ensemble.members import Member, build_members, check_supported, prepare, run_group
+from ncsweep.ensemble.members import Member, build_members, prepare, run_group
 from ncsweep.ensemble.stacked import Stacked, member_losses
+from ncsweep.ensemble.stepper import StackedStepper
+from ncsweep.ensemble.support import check_supported
 
-__all__ = ["Member", "Stacked", "build_members", "check_supported", "member_losses", "prepare",
-           "run_group"]
+__all__ = ["Member", "Stacked", "StackedStepper", "build_members", "check_supported",
+           "member_losses", "prepare", "run_group"]

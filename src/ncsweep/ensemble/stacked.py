@@ -1,23 +1,13 @@
-"""The members' networks stacked on a leading dimension, and their batched training loop."""
+"""The members' networks stacked on a leading dimension, their losses and optimiser states."""
 
 from __future__ import annotations
 
 import copy
-import logging
-import math
-import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from ncsweep.ensemble.members import Member
-
-log = logging.getLogger(__name__)
 
 
 class Stacked(nn.Module):
@@ -44,7 +34,7 @@ class Stacked(nn.Module):
             stacked = torch.stack([dict(m.named_buffers())[name] for m in models]).clone()
             self.register_buffer(name.replace(".", "__"), stacked)
             self.tensors[name] = stacked
-        self.is_ufm = hasattr(first.backbone, "lambdas")
+        self.is_ufm = first.backbone.kind == "ufm"
         # plain tuples, not submodules: the stack must not own member 0's tensors
         self.layers = () if self.is_ufm else tuple(first.backbone.layers)
         self.lambdas = first.backbone.lambdas if self.is_ufm else (0.0, 0.0, 0.0)
@@ -151,160 +141,3 @@ def stacked_optimizer_state(states: Sequence[dict], params: Sequence[torch.Tenso
                              if isinstance(v, torch.Tensor) and v.shape == shape else v)
                          for k, v in entries.items()}
     return {"state": merged, "param_groups": copy.deepcopy(states[0]["param_groups"])}
-
-
-class EnsembleFit:
-    """Trainer.fit for R members at once: the same epochs, batches, eval points, checkpoints."""
-
-    def __init__(self, members: list[Member], started: float) -> None:
-        from hydra.utils import instantiate
-
-        self.members = members
-        self.runs = [m.run for m in members]
-        first = self.runs[0]
-        self.trainer = first.trainer
-        self.models = [run.model for run in self.runs]
-        self.stacked = Stacked(self.models)
-        self.loss_name = first.loss.name
-        members[0].activate()
-        self.optimizer = instantiate(members[0].cfg.optim)(self.stacked.trainable)
-        self.scheduler = instantiate(members[0].cfg.schedule)(
-            self.optimizer, epochs=members[0].plain["trainer"]["epochs"])
-        self.started = started
-
-    def _active(self) -> list[int]:
-        return [r for r, m in enumerate(self.members) if m.status is None]
-
-    def _restore(self, generators: list[torch.Generator]) -> tuple[int, int, int]:
-        states = [m.state for m in self.members]
-        for model, state, generator in zip(self.models, states, generators, strict=True):
-            model.load_state_dict(state["model"])
-            generator.set_state(state["data_rng"])
-        self.stacked.read_from(self.models)
-        self.optimizer.load_state_dict(stacked_optimizer_state(
-            [s["optimizer"] for s in states], self.stacked.trainable))
-        self.scheduler.load_state_dict(states[0]["scheduler"])
-        torch.set_rng_state(states[0]["torch_rng"])
-        if "cuda_rng" in states[0] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states[0]["cuda_rng"])
-        return int(states[0]["epoch"]), int(states[0]["step"]), int(states[0]["batch"])
-
-    def _checkpoint(self, rngs: list[torch.Tensor], epoch: int, step: int, batch: int,
-                    train_time: Callable[[int], float]) -> None:
-        self.stacked.write_back(self.models)
-        optimizer = self.optimizer.state_dict()
-        for r in self._active():
-            m = self.members[r]
-            state = {"epoch": epoch, "batch": batch, "step": step,
-                     "model": self.models[r].state_dict(),
-                     "optimizer": member_optimizer_state(optimizer, self.stacked.trainable, r),
-                     "scheduler": self.scheduler.state_dict(), "data_rng": rngs[r],
-                     "torch_rng": torch.get_rng_state(), "train_time_s": train_time(r),
-                     "attempts": m.attempts,
-                     "wall_time_s": m.earlier_wall + time.perf_counter() - self.started}
-            if torch.cuda.is_available():
-                state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            m.context.folder.save_checkpoint(state, m.context.key)
-
-    def _eval(self, epoch: int, step: int, finals: list[dict]) -> None:
-        self.stacked.write_back(self.models)
-        for r in self._active():
-            m = self.members[r]
-
-            def on_eval(row: dict, m: Member = m) -> None:
-                m.context.folder.append_metrics(row)
-                m.mirror.log(row, step=int(row["epoch"]))
-
-            finals[r] = self.trainer._eval_point(self.models[r], m.run.loss, m.run.data, epoch,
-                                                 step, self.optimizer, on_eval)
-
-    def _check_finite(self, mean_loss: torch.Tensor, epoch: int) -> None:
-        """A member whose loss became NaN/inf fails alone (trainer.on_nonfinite=fail)."""
-        from ncsweep.jobs import _fail
-        from ncsweep.training import NonFiniteLoss
-
-        if self.trainer.on_nonfinite != "fail":
-            return
-        values = mean_loss.tolist()
-        for r in self._active():
-            if not math.isfinite(values[r]):
-                m = self.members[r]
-                err = NonFiniteLoss(f"training loss became {values[r]} in epoch {epoch} "
-                                    "(trainer.on_nonfinite=fail); lower the LR or check the data")
-                m.mirror.finish(exit_code=1)
-                m.status = _fail(m.context, err, f"{m.context.key} FAILED: NonFiniteLoss: {err}")
-
-    def fit(self, stop_requested: Callable[[], bool]) -> list[Any]:
-        """Train every member from scratch or from its checkpoint; one FitResult each."""
-        from ncsweep.data import member_batches
-        from ncsweep.memory import StepMeter, TrainMemory, read_peak, reset_peak
-        from ncsweep.training import FitResult, StopRequested
-
-        trainer, count_r = self.trainer, len(self.members)
-        generators = [torch.Generator().manual_seed(m.plain["seed"]) for m in self.members]
-        start_epoch, step, skip = 0, 0, 0
-        if self.members[0].state is not None:
-            start_epoch, step, skip = self._restore(generators)
-        earlier = [float(m.state.get("train_time_s", 0.0)) if m.state else 0.0
-                   for m in self.members]
-        reset_peak(trainer.device)
-        started = time.perf_counter()
-
-        def train_time(r: int) -> float:
-            return earlier[r] + time.perf_counter() - started
-
-        finals: list[dict] = [{} for _ in self.members]
-        if start_epoch == 0 and skip == 0:
-            self._eval(0, step, finals)
-        train_memory: TrainMemory | None = None
-        samples = 0
-        data = self.runs[0].data
-        self.stacked.train()
-        for epoch in range(start_epoch + 1, trainer.epochs + 1):
-            rngs = [g.get_state() for g in generators]
-            loss_sum = torch.zeros(count_r, device=trainer.device)
-            count = 0
-            stream = member_batches(data.train, trainer.batch_size, generators, augment=True)
-            for index, (x, y) in enumerate(stream):
-                if index < skip:
-                    continue
-                if stop_requested():
-                    self._checkpoint(rngs, epoch - 1, step, index, train_time)
-                    raise StopRequested(f"stopped in epoch {epoch} after {index} batches")
-                meter = StepMeter(self.stacked) if train_memory is None else None
-                loss_sum += self._step(x, y, meter)
-                if meter is not None:
-                    whole = meter.result(self.stacked, self.optimizer)
-                    train_memory = TrainMemory(*(b // count_r for b in (
-                        whole.params_bytes, whole.grads_bytes, whole.optimizer_bytes,
-                        whole.activations_bytes)))
-                count += 1
-                step += 1
-                samples += y.shape[1]
-            skip = 0
-            self.scheduler.step()
-            mean_loss = loss_sum / max(count, 1)
-            self._check_finite(mean_loss, epoch)
-            if not self._active():
-                break
-            trainer._live.update(f"epoch {epoch:>4}/{trainer.epochs}  loss "
-                                 f"{mean_loss.mean().item():.4g} (mean of {count_r} members)")
-            if epoch % trainer.eval_every == 0 or epoch == trainer.epochs:
-                self._eval(epoch, step, finals)
-            if epoch % trainer.checkpoint_every == 0 or epoch == trainer.epochs:
-                self._checkpoint([g.get_state() for g in generators], epoch, step, 0, train_time)
-        elapsed = time.perf_counter() - started
-        if any(not finals[r] for r in self._active()):
-            self._eval(trainer.epochs, step, finals)
-        peak = read_peak(trainer.device)
-        return [FitResult(finals[r], trainer.epochs - start_epoch, elapsed, earlier[r], samples,
-                          peak, train_memory) for r in range(count_r)]
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor, meter: Any) -> torch.Tensor:
-        """One optimiser step of every member; their losses, (R,)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with meter.saving() if meter is not None else nullcontext():
-            losses = member_losses(self.loss_name, self.stacked(x), y) + self.stacked.penalty()
-        losses.sum().backward()
-        self.optimizer.step()
-        return losses.detach()

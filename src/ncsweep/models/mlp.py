@@ -24,6 +24,8 @@ class MLP(Backbone):
     the last block is the feature layer.
     """
 
+    kind = "mlp"
+
     def __init__(self, input_shape: Sequence[int], feature_dim: int, width: int = 512,
                  depth: int = 2, batch_norm: bool = True, activation: str = "relu",
                  feature_activation: bool = True, compile: bool = False,

@@ -15,8 +15,15 @@ from torch import nn
 
 
 class Backbone(nn.Module):
-    """A module mapping inputs to d features, with hooks the trainer and the job call."""
+    """A module mapping inputs to d features, with hooks the trainer and the job call.
 
+    ``kind`` (mlp, vision, ufm) is what configs and checks read from the class instead of its
+    name; ``starts`` is the number of batched random starts the backbone holds (None: one
+    start, trained by the optimiser).
+    """
+
+    kind: str = ""
+    starts: int | None = None
     _frozen_norms: tuple[nn.Module, ...] = ()
     transfer_record: Mapping[str, Any] = MappingProxyType({})
 
@@ -57,14 +64,6 @@ class Backbone(nn.Module):
     def final_checks(self, head: nn.Module, loss_fn: nn.Module, final: dict) -> dict:
         """Model-specific end-of-run checks added to the summary."""
         return {}
-
-    def fit_starts(self, *fit: Any) -> Any:
-        """A training loop of the backbone's own in place of the Trainer's (None: the Trainer's).
-
-        Called with the Trainer and the arguments of ``Trainer.fit``; the UFM's batched random
-        starts use it.
-        """
-        return None
 
     def run_files(self) -> dict[str, str]:
         """Extra run-folder files by name, as text, written before DONE."""

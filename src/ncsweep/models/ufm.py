@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ncsweep.errors import ConfigError
+from ncsweep.memory import TrainMemory
 from ncsweep.models.network import Backbone
 
 STARTS_FILE = "starts.jsonl"
-_SCHEDULER_ORDER = re.escape("Detected call of `lr_scheduler.step()` before")
 
 
 class UFMFeatures(Backbone):
@@ -32,9 +29,12 @@ class UFMFeatures(Backbone):
     optimum and gap are left out, never estimated.
 
     ``starts=R`` (an integer) makes the run hold R random starts solved as one batched problem
-    by ncsweep.landscape (:meth:`fit_starts` takes over the Trainer's loop); start 0 is this
-    module's own initialisation, the one a ``starts=None`` run of the same seed starts from.
+    by ncsweep.landscape (:meth:`start_solver`; ncsweep.training.starts steps it); start 0 is
+    this module's own initialisation, the one a ``starts=None`` run of the same seed starts
+    from.
     """
+
+    kind = "ufm"
 
     def __init__(self, input_shape: Sequence[int], feature_dim: int, num_classes: int,
                  n_per_class: int | Sequence[int], lambda_w: float = 5e-3, lambda_h: float = 5e-3,
@@ -223,7 +223,15 @@ class UFMFeatures(Backbone):
         size = chunk_size(self._problem.size)
         return Chunked([make(x[i:i + size]) for i in range(0, x.shape[0], size)])
 
-    def _sync(self, head: nn.Module) -> None:
+    def start_solver(self, head: nn.Module, loss_fn: nn.Module,
+                     optimizer: torch.optim.Optimizer, seed: int) -> Any:
+        """The batched solver of the R starts (from :meth:`initial_points`), held for the
+        eval rows and the final checks; the run's optimiser names the method."""
+        self._problem = self._problem_of(head, loss_fn)
+        self._solver = self._make_solver(optimizer, self.initial_points(head, seed))
+        return self._solver
+
+    def sync(self, head: nn.Module) -> None:
         """Start 0's point into this module's features and the head: what evaluate measures."""
         weight, features, bias = self._problem.split(self._solver.solvers[0].x[:1])
         with torch.no_grad():
@@ -232,75 +240,8 @@ class UFMFeatures(Backbone):
             if head.bias is not None:
                 head.bias.copy_(bias[0])
 
-    def fit_starts(self, trainer: Any, model: nn.Module, loss_fn: nn.Module,
-                   optimizer: torch.optim.Optimizer, scheduler: Any, data: Any, seed: int,
-                   on_eval: Callable[[dict], None], on_checkpoint: Callable[[dict], None],
-                   stop_requested: Callable[[], bool], resume_state: dict | None) -> Any:
-        """Trainer.fit for batched starts (None without them): one solver step per epoch.
-
-        LBFGS takes up to max_iter iterations per epoch, gradient descent one; the
-        optimiser's lr after the schedule's step is the solvers' lr. Eval points and
-        checkpoints fall where the Trainer puts them; a checkpoint holds the solvers' state,
-        so a resumed run continues every start where it stopped.
-        """
-        if self.starts is None:
-            return None
-        from ncsweep.memory import read_peak, reset_peak
-        from ncsweep.training import FitResult, StopRequested
-
-        head = model.head
-        self._problem = self._problem_of(head, loss_fn)
-        self._solver = self._make_solver(optimizer, self.initial_points(head, seed))
-        start_epoch, earlier = 0, 0.0
-        if resume_state is not None:
-            model.load_state_dict(resume_state["model"])
-            scheduler.load_state_dict(resume_state["scheduler"])
-            self._solver.load_state_dict(resume_state["solver"])
-            start_epoch = int(resume_state["epoch"])
-            earlier = float(resume_state.get("train_time_s", 0.0))
-        reset_peak(trainer.device)
-        started = time.perf_counter()
-
-        def state(epoch: int) -> dict:
-            return {"epoch": epoch, "batch": 0, "step": epoch, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "solver": self._solver.state_dict(),
-                    "train_time_s": earlier + time.perf_counter() - started}
-
-        final: dict = {}
-        self._sync(head)
-        if start_epoch == 0:
-            final = trainer._eval_point(model, loss_fn, data, 0, 0, optimizer, on_eval)
-        for epoch in range(start_epoch + 1, trainer.epochs + 1):
-            if stop_requested():
-                on_checkpoint(state(epoch - 1))
-                raise StopRequested(f"stopped before epoch {epoch} of the batched starts")
-            self._solver.set_lr(optimizer.param_groups[0]["lr"])
-            self._solver.step()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", _SCHEDULER_ORDER)
-                scheduler.step()
-            trainer._end_epoch(self._solver.value.mean().item(), epoch)
-            if epoch % trainer.eval_every == 0 or epoch == trainer.epochs:
-                self._sync(head)
-                final = trainer._eval_point(model, loss_fn, data, epoch, epoch, optimizer,
-                                            on_eval)
-            if epoch % trainer.checkpoint_every == 0 or epoch == trainer.epochs:
-                on_checkpoint(state(epoch))
-        elapsed = time.perf_counter() - started
-        if not final:
-            self._sync(head)
-            final = trainer._eval_point(model, loss_fn, data, trainer.epochs, trainer.epochs,
-                                        optimizer, on_eval)
-        epochs_run = trainer.epochs - start_epoch
-        return FitResult(final, epochs_run, elapsed, earlier,
-                         self.starts * self.labels.numel() * epochs_run,
-                         read_peak(trainer.device), self._train_memory())
-
-    def _train_memory(self) -> Any:
+    def starts_memory(self) -> TrainMemory:
         """The batched step's bytes: points, gradients, solver state, logits and their grads."""
-        from ncsweep.memory import TrainMemory
-
         solvers = self._solver.solvers
         points = sum(s.x.nbytes for s in solvers)
         state = sum(t.nbytes for s in solvers for k, t in s.state_dict().items()
@@ -309,13 +250,14 @@ class UFMFeatures(Backbone):
         return TrainMemory(points, points, state, logits)
 
     def _starts_metrics(self, star: float | None) -> dict[str, float]:
-        from ncsweep.landscape import distinct_values, quantiles
+        from ncsweep.landscape import distinct_summary, quantiles
 
         value, grad_norm = self._solver.value, self._solver.grad.norm(dim=1)
         gap_tol = self.tolerances[1]
         row = {"starts": self.starts, **quantiles(value, "objective"),
                **quantiles(grad_norm, "grad_norm"),
-               "distinct_objective_values": distinct_values(value),
+               **distinct_summary(value, self._solver.x, getattr(
+                   self._solver.solvers[0], "tolerance_grad", self.tolerances[0])),
                "frac_reached_best": (value - value.min() <= gap_tol).double().mean().item()}
         if star is not None:
             row.update(quantiles(value - star, "objective_gap"),

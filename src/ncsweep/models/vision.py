@@ -47,6 +47,8 @@ class ImageBackbone(Backbone):
     inputs NHWC; ``compile`` wraps the forward in ``torch.compile``.
     """
 
+    kind = "vision"
+
     VARIANTS: tuple[str, ...] = ()
 
     def _finish(self, weights: str | None, weights_strict: bool, freeze: str, amp: str | None,
