@@ -10,7 +10,13 @@ writes (``hydra.overrides.task``, ``hydra.job.override_dirname``, ``env_set`` fr
 ``env_copy``, ``runtime.cwd``) written as Hydra writes them. Hydra composes everything else: a
 job with a ``+`` or ``~`` on a key (Hydra checks those against values), a key reached through
 an interpolated node (two keys may name one node), a search path change, and any job whose
-values or fields do not set (Hydra then raises its own error).
+values or fields do not set (Hydra then raises its own error); each such fallback is logged
+once per cause, with the reason.
+
+Two users: the sweeper's check before launching (every job of the sweep, in one process), and
+each task on its node, which derives its later runs from its first (``runs_per_task`` > 1). On
+the local SLURM cluster, 16 runs 8 a task: a derived config 16-26 ms against Hydra's 170-290 ms,
+2.0-3.7 s of the sweep's in-task composition saved; a task of one run composes as Hydra does.
 """
 
 from __future__ import annotations
