@@ -62,17 +62,17 @@ def polls_per_sweep(wall: float, poll_s: float = 10.0) -> int:
 def per_sweep_costs(ids: list[str], wall: float, lag: float) -> None:
     """The preflight and the watcher's polls, timed here against the same cluster."""
     from ncsweep import cluster
-    from ncsweep.launcher import _preflight
+    from ncsweep.launcher.submit import preflight
 
     params = {"partition": None, "account": None, "qos": None, "timeout_min": 30,
               "cpus_per_task": 1, "gpus_per_node": "auto", "mem_gb": 1, "tasks_per_node": 1}
     arrays = ",".join(sorted({i.split("_")[0] for i in ids}))
-    preflight = mean_seconds(lambda: _preflight(dict(params), len(ids)))
+    checked = mean_seconds(lambda: preflight(dict(params), len(ids)))
     squeue = mean_seconds(lambda: subprocess.run(
         ["squeue", "-h", "-r", "-j", arrays, "-o", "%i|%T|%r"], capture_output=True, timeout=30))
     worst = mean_seconds(lambda: cluster.queue_states(ids), repeats=5)
     polls = polls_per_sweep(wall)
-    print(f"per sweep: preflight {preflight * 1000:.0f} ms before submitting; watcher "
+    print(f"per sweep: preflight {checked * 1000:.0f} ms before submitting; watcher "
           f"{polls} polls in {wall:.0f} s, each one squeue call ({squeue * 1000:.0f} ms, "
           f"{polls * squeue * 1000:.0f} ms in all, while the jobs run; squeue + sacct "
           f"{worst * 1000:.0f} ms only when a job leaves the queue without a result); the sweep "

@@ -219,15 +219,14 @@ def ensemble_section(device: str) -> None:
 
 def compose_section(sample: int) -> None:
     """Hydra's composition of each job against the composer's check and load."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
     from hydra.core.utils import JobRuntime
     from hydra.types import RunMode
 
     from ncsweep.launcher.compose import SweepComposer
+    from ncsweep.launcher.hydra_compat import config_loader
 
     JobRuntime.instance().set("name", "app")
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+    loader = config_loader(str(conf_dir()))
     master = loader.load_configuration("config", overrides=[], run_mode=RunMode.MULTIRUN)
 
     def jobs(count: int) -> list[list[str]]:

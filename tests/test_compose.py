@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.utils import create_config_search_path
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobRuntime
 from hydra.errors import ConfigCompositionException
@@ -20,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import II, OmegaConf
 
 from ncsweep.launcher.compose import SweepComposer
+from ncsweep.launcher.hydra_compat import ConfigLoaderImpl, config_loader
 from tests.support import CONF, FAST
 
 JobRuntime.instance().set("name", "app")
@@ -36,7 +35,7 @@ class CountingLoader(ConfigLoaderImpl):
 
 
 def loader_and_master(cli: list[str], primary: str = "config") -> tuple[CountingLoader, object]:
-    loader = CountingLoader(config_search_path=create_config_search_path(str(CONF)))
+    loader = config_loader(str(CONF), CountingLoader)
     master = loader.load_configuration(primary, overrides=cli, run_mode=RunMode.MULTIRUN)
     return loader, master
 

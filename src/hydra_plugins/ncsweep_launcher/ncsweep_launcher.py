@@ -2,7 +2,8 @@
 
 Hydra accepts launchers only from the ``hydra_plugins`` package and imports every module in it
 at start-up, so this module stays small: the work lives in :mod:`ncsweep.launcher`, imported
-only when a sweep launches.
+only when a sweep launches (its light ``hydra_compat`` aside, the one home of Hydra's private
+names).
 """
 
 # No `from __future__ import annotations`: Hydra execs this module outside sys.modules,
@@ -12,12 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydra._internal.core_plugins.basic_launcher import BasicLauncher, BasicLauncherConf
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+
+from ncsweep.launcher.hydra_compat import BasicLauncher, BasicLauncherConf
 
 PACKAGE = "hydra_plugins.ncsweep_launcher.ncsweep_launcher"
 
@@ -60,22 +61,18 @@ class NcsweepSlurmConf(SlurmQueueConf):
 
 
 class _Watched:
-    """Shared by both launchers: launch through ncsweep, resolved resources applied in the job."""
+    """Shared by both submitit launchers: the sweep handed to ncsweep as a typed spec."""
 
-    resolved: dict[str, Any] | None = None
+    kind = "abstract"
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from ncsweep.launcher import launch
+        from ncsweep.launcher.spec import Sweep
+        from ncsweep.launcher.submit import launch
 
-        return launch(self, job_overrides, initial_job_idx)
-
-    def __call__(self, units: list, job_dir_key: str, singleton_state: dict[type, Singleton],
-                 launched: float) -> list[JobReturn]:
-        """One submitit task: its runs (ncsweep.launcher.Unit lists), one JobReturn per run."""
-        from ncsweep.launcher import run_in_job
-
-        return run_in_job(self, units, job_dir_key, singleton_state, launched)
+        sweep = Sweep(self.kind, self.hydra_context, self.task_function, self.config,
+                      dict(self.params))
+        return launch(sweep, job_overrides, initial_job_idx)
 
 
 class NcsweepBasicLauncher(BasicLauncher):
@@ -83,17 +80,23 @@ class NcsweepBasicLauncher(BasicLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from ncsweep.launcher import launch_basic
+        from ncsweep.launcher.spec import Sweep
+        from ncsweep.launcher.tasks import launch_basic
 
-        return launch_basic(self, job_overrides, initial_job_idx)
+        sweep = Sweep("basic", self.hydra_context, self.task_function, self.config)
+        return launch_basic(sweep, job_overrides, initial_job_idx)
 
 
 class NcsweepLocalLauncher(_Watched, LocalLauncher):
     """``launcher=local``."""
 
+    kind = "local"
+
 
 class NcsweepSlurmLauncher(_Watched, SlurmLauncher):
     """``launcher=slurm``."""
+
+    kind = "slurm"
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ncsweep_basic",

@@ -10,8 +10,9 @@ Hydra imports every module of ``hydra_plugins`` at start-up, so this one stays s
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
+
+from ncsweep.launcher.hydra_compat import BasicSweeper, BasicSweeperConf
 
 
 @dataclass

@@ -10,12 +10,19 @@ writes (``hydra.overrides.task``, ``hydra.job.override_dirname``, ``env_set`` fr
 ``env_copy``, ``runtime.cwd``) written as Hydra writes them. Hydra composes everything else: a
 job with a ``+`` or ``~`` on a key (Hydra checks those against values), a key reached through
 an interpolated node (two keys may name one node), a search path change, and any job whose
-values or fields do not set (Hydra then raises its own error).
+values or fields do not set (Hydra then raises its own error); each such fallback is logged
+once per cause, with the reason.
+
+Two users: the sweeper's check before launching (every job of the sweep, in one process), and
+each task on its node, which derives its later runs from its first (``runs_per_task`` > 1). On
+the local SLURM cluster, 16 runs 8 a task: a derived config 16-26 ms against Hydra's 170-290 ms,
+2.0-3.7 s of the sweep's in-task composition saved; a task of one run composes as Hydra does.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import weakref
 from collections import OrderedDict
@@ -23,10 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ncsweep.launcher.hydra_compat import caching_repository, overrides_dirname
+
+log = logging.getLogger(__name__)
 
 KEEP = 32  # composed templates kept per sweep (one per distinct choice of config groups)
 
@@ -49,6 +59,7 @@ class SweepComposer:
         self._templates: OrderedDict[tuple, _Template] = OrderedDict()
         self._groups: dict[str, bool] = {}
         self._repo: Any = None
+        self._said: set[str] = set()
 
     def load(self, sweep_overrides: Sequence[str]) -> DictConfig:
         """The job's config, equal to ``config_loader.load_sweep_config(master, overrides)``."""
@@ -124,7 +135,8 @@ class SweepComposer:
                     if OmegaConf.is_interpolation(node, part):
                         return True
                     node = node[part]
-                except Exception:  # a path that Hydra alone can judge
+                except Exception as err:  # a path that Hydra alone can judge
+                    self._fall_back(f"the path of {override.key_or_group}", err)
                     return True
                 if not OmegaConf.is_config(node):
                     break
@@ -150,20 +162,30 @@ class SweepComposer:
 
     def _repository(self) -> Any:
         if self._repo is None:
-            name = self.master.hydra.job.config_name
-            _, self._repo = self.loader._parse_overrides_and_create_caching_repo(name, [])
+            self._repo = caching_repository(self.loader, self.master.hydra.job.config_name)
         return self._repo
 
-    @staticmethod
-    def _set_values(config: DictConfig, template: _Template, parsed: list[Override]) -> bool:
+    def _fall_back(self, what: str, err: Exception) -> None:
+        """Say why Hydra composes a job instead of deriving it (once per cause and error)."""
+        reason = f"{what} raised {type(err).__name__}"
+        if reason not in self._said:
+            self._said.add(reason)
+            detail = str(err).strip().splitlines()
+            log.info("composer: Hydra composes the job itself: %s%s", reason,
+                     f" ({detail[0]})" if detail else "")
+
+    def _set_values(self, config: DictConfig, template: _Template,
+                    parsed: list[Override]) -> bool:
         """The job's values set on a copy of its sibling's config; False where Hydra must
         compose it (and raise its own error)."""
-        try:
-            for was, now in zip(template.overrides, parsed, strict=True):
-                if was.input_line != now.input_line:
-                    OmegaConf.update(config, now.key_or_group, now.value(), merge=True)
-        except Exception:
-            return False
+        for was, now in zip(template.overrides, parsed, strict=True):
+            if was.input_line == now.input_line:
+                continue
+            try:
+                OmegaConf.update(config, now.key_or_group, now.value(), merge=True)
+            except Exception as err:  # Hydra's composition judges (and words) the value
+                self._fall_back(f"setting {now.key_or_group}", err)
+                return False
         return True
 
     def _finish(self, config: DictConfig, parsed: list[Override], write: bool = True) -> bool:
@@ -174,9 +196,7 @@ class SweepComposer:
             naming = config.hydra.job.config.override_dirname
             task = [o for o in parsed if not o.is_hydra_override()]
             environment = {key: os.environ[key] for key in config.hydra.job.env_copy}
-            dirname = get_overrides_dirname(overrides=task, kv_sep=naming.kv_sep,
-                                            item_sep=naming.item_sep,
-                                            exclude_keys=naming.exclude_keys)
+            dirname = overrides_dirname(task, naming)
             if not write:
                 return True
             config.hydra.overrides.task = [o.input_line for o in task]
@@ -185,7 +205,8 @@ class SweepComposer:
                     config.hydra.job.env_set[key] = value
             config.hydra.runtime.cwd = os.getcwd()
             config.hydra.job.override_dirname = dirname
-        except Exception:
+        except Exception as err:  # a per-job field Hydra alone can resolve (or refuse)
+            self._fall_back("writing Hydra's per-job fields", err)
             return False
         OmegaConf.copy_cache(from_config=self.master, to_config=config)
         return True

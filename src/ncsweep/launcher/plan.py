@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsweep.config import ConfigError
+from ncsweep.launcher.hydra_compat import overrides_dirname
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,7 @@ def job_folders(config: DictConfig, job_overrides: Sequence[Sequence[str]],
         for idx, overrides in enumerate(job_overrides):
             task = [o for o in parser.parse_overrides(list(overrides))
                     if not o.is_hydra_override()]
-            scratch.hydra.job.override_dirname = get_overrides_dirname(
-                overrides=task, exclude_keys=list(naming.exclude_keys),
-                item_sep=naming.item_sep, kv_sep=naming.kv_sep)
+            scratch.hydra.job.override_dirname = overrides_dirname(task, naming)
             scratch.hydra.job.num = initial_job_idx + idx
             folders.append(sweep_dir / str(OmegaConf.select(scratch, "hydra.sweep.subdir")))
     return folders
@@ -71,29 +70,27 @@ class Job:
 Unit = list[Job]  # one run, or the members of an ensemble (jobs differing only in seed)
 
 
-def _override_key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
-
-
-def ensemble_on(config: DictConfig, overrides: Sequence[str]) -> bool:
+def ensemble_on(config: DictConfig, overrides: Sequence[Override]) -> bool:
     """Whether a job asks ``trainer.ensemble``: its own override, else the sweep's config."""
     for override in overrides:
-        if _override_key(override) == "trainer.ensemble":
-            return override.partition("=")[2].strip().lower() == "true"
+        if override.key_or_group == "trainer.ensemble":
+            return not override.is_delete() and override.value() is True
     return bool(OmegaConf.select(config, "trainer.ensemble", default=False))
 
 
 def plan_units(config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
                folders: Sequence[Path]) -> list[Unit]:
     """The sweep's jobs as units: under trainer.ensemble, jobs differing only in seed are one."""
+    parser = OverridesParser.create()
     units: list[Unit] = []
     groups: dict[tuple[str, ...], Unit] = {}
     for idx, (overrides, folder) in enumerate(zip(job_overrides, folders, strict=True)):
         job = Job(tuple(overrides), initial_job_idx + idx, str(folder))
-        if not ensemble_on(config, overrides):
+        parsed = parser.parse_overrides(list(overrides))
+        if not ensemble_on(config, parsed):
             units.append([job])
             continue
-        key = tuple(sorted(o for o in overrides if _override_key(o) != "seed"))
+        key = tuple(sorted(o.input_line for o in parsed if o.key_or_group != "seed"))
         if key in groups:
             groups[key].append(job)
         else:
@@ -143,7 +140,7 @@ def ranks(params: dict[str, Any], kind: str, parallel: int, units: Sequence[Unit
     return world
 
 
-def _packing(params: dict[str, Any]) -> tuple[int, int]:
+def packing(params: dict[str, Any]) -> tuple[int, int]:
     """``runs_per_task`` and ``runs_in_parallel`` from the launcher's parameters, checked."""
     values = []
     for key in PACKING_KEYS:

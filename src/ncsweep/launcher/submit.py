@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
 
 from ncsweep import cluster
 from ncsweep.config import ConfigError
 from ncsweep.console import setup_logging
+from ncsweep.launcher.hydra_compat import job_return
 from ncsweep.launcher.plan import (
     AUTO_DEFAULTS,
     JOBS_FILE,
@@ -27,13 +28,15 @@ from ncsweep.launcher.plan import (
     RANK_KEYS,
     WATCH_KEYS,
     Unit,
-    _packing,
     job_folders,
     pack,
+    packing,
     plan_units,
     ranks,
     status_command,
 )
+from ncsweep.launcher.spec import Sweep, TaskSpec
+from ncsweep.launcher.tasks import Task
 from ncsweep.launcher.watch import Watcher, collect
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ def _fail(err: BaseException) -> SystemExit:
     return SystemExit(2)
 
 
-def _preflight(params: dict[str, Any], jobs: int) -> tuple[dict[str, Any], str]:
+def preflight(params: dict[str, Any], jobs: int) -> tuple[dict[str, Any], str]:
     """Fill ``auto`` resources and the partition; refuse what can never run; the line to say."""
 
     if shutil.which("sbatch") is None:
@@ -100,27 +103,27 @@ def _array_summary(jobs: Sequence[Any]) -> str:
         f" (array {arrays[0]})" if len(arrays) == 1 and "_" in ids[0] else "")
 
 
-def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
+def launch(sweep: Sweep, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> list[JobReturn]:
     """Submit every job of the batch once, watch them, and hand Hydra one result per job."""
     setup_logging()
-    kind = plugin._EXECUTOR
-    config = plugin.config
-    params = dict(plugin.params)
+    kind = sweep.kind
+    config = sweep.config
+    params = dict(sweep.params)
     watch = {k: params.pop(k) for k in WATCH_KEYS if k in params}
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     started = time.time()
     folders = job_folders(config, job_overrides, initial_job_idx)
     try:
-        per_task, parallel = _packing({k: params.pop(k, 1) for k in PACKING_KEYS})
+        per_task, parallel = packing({k: params.pop(k, 1) for k in PACKING_KEYS})
         units = plan_units(config, job_overrides, initial_job_idx, folders)
-        world = ranks({**params, **{k: params.pop(k) for k in RANK_KEYS if k in params}}, kind,
-                      parallel, units)
+        rank_params = {k: params.pop(k) for k in RANK_KEYS if k in params}
+        world = ranks({**params, **rank_params}, kind, parallel, units)
         tasks = pack(units, per_task)
+        resolved: dict[str, Any] = {}
         if kind == "slurm":
-            resolved, line = _preflight(params, len(tasks))
+            resolved, line = preflight(params, len(tasks))
             params.update(resolved)
-            plugin.resolved = resolved
         else:
             line = (f"local: {len(tasks)} job(s) as subprocesses of this one, each "
                     f"{params.get('cpus_per_task') or 1} CPU(s), {params.get('timeout_min')} min")
@@ -137,9 +140,13 @@ def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if "mode" in config.hydra.sweep:
         os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
-    singleton = Singleton.get_state()
-    job_params = [(task, "hydra.sweep.dir", singleton, started) for task in tasks]
-    jobs = _submit(executor, plugin, job_params)
+    cpus = params.get("cpus_per_task")
+    spec = TaskSpec(sweep.hydra_context, sweep.task_function, config, launched=started,
+                    singleton_state=Singleton.get_state(), resources=resolved,
+                    cpus_per_task=cpus if isinstance(cpus, int) and not isinstance(cpus, bool)
+                    else None, runs_in_parallel=parallel,
+                    rank_timeout_s=float(rank_params.get("rank_timeout_s", 600)))
+    jobs = _submit(executor, Task(spec), tasks)
     keep = watch.get("leave_running_on_interrupt", False)
     watcher = Watcher(kind, jobs, poll_s=float(watch.get("poll_s", 10.0)),
                       log_every_s=float(watch.get("log_every_s", 60.0)),
@@ -150,8 +157,7 @@ def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
             log.info("%s: submitted %s, detached; `%s` shows their state, re-running the same "
                      "command skips, resumes or retries them", kind, _array_summary(jobs),
                      status_command(sweep_dir))
-            return [JobReturn(overrides=list(ov), status=JobStatus.COMPLETED,
-                              _return_value={"status": "submitted", "dir": str(f)})
+            return [job_return(ov, {"status": "submitted", "dir": str(f)})
                     for ov, f in zip(job_overrides, folders, strict=True)]
         log.info("%s: submitted %s; Ctrl-C %s", kind, _array_summary(jobs),
                  "leaves them running" if keep else
@@ -172,14 +178,14 @@ def launch(plugin: Any, job_overrides: Sequence[Sequence[str]],
     return collect(jobs, tasks, states, started)
 
 
-def _submit(executor: Any, plugin: Any, job_params: list[tuple]) -> list[Any]:
+def _submit(executor: Any, task: Task, units: list[list[Unit]]) -> list[Any]:
     """One submission for the whole batch; sbatch's refusal becomes one line, exit 2."""
     from submitit.core.utils import FailedJobError
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return executor.map_array(plugin, *zip(*job_params, strict=True))
+            return executor.map_array(task, units)
     except FailedJobError as err:
         message = cluster.first_error_line(str(err) or captured.getvalue())
         raise _fail(cluster.ClusterError(f"sbatch refused the sweep: {message}")) from None

@@ -12,6 +12,7 @@ from hydra.core.utils import JobReturn, JobStatus
 
 from ncsweep import cluster
 from ncsweep.console import Progress
+from ncsweep.launcher.hydra_compat import job_return, raw_return
 from ncsweep.launcher.plan import REASONS, Job, Unit
 from ncsweep.tracking import RunFolder
 
@@ -155,7 +156,8 @@ def collect(jobs: Sequence[Any], tasks: Sequence[list[Unit]],
                 returns[run.num] = ret
                 continue
             if ret is not None:
-                error = f"{type(ret._return_value).__name__}: {ret._return_value}"
+                value = raw_return(ret)
+                error = f"{type(value).__name__}: {value}"
             returns[run.num] = _record_lost(run, job, state, error, started)
     return [returns[num] for num in sorted(returns)]
 
@@ -174,8 +176,7 @@ def _record_lost(run: Job, job: Any, state: cluster.JobState, error: str | None,
         folder.record_attempt(outcome)
     elif last["outcome"] in ("done", "skipped", "failed", "interrupted"):
         outcome = last["outcome"]
-    return JobReturn(overrides=list(run.overrides), status=JobStatus.COMPLETED,
-                     _return_value={"status": outcome, "dir": run.folder,
-                                    "slurm_state": state.state})
+    return job_return(run.overrides, {"status": outcome, "dir": run.folder,
+                                      "slurm_state": state.state})
 
 
