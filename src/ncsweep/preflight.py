@@ -1,0 +1,204 @@
+"""A command line checked before Hydra runs anything: every override composes, seeds are
+integers, the run or sweep folder can be written; each problem is one ConfigError naming the key.
+
+A sweep composes once for its keys, not once per job: swept values take their first value, and
+only a swept option of a group whose keys the command line sets is composed once per option.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
+
+from ncsweep.config import closest, group_options, read_override
+from ncsweep.errors import ConfigError
+from ncsweep.keys import override_values
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
+    from omegaconf import DictConfig
+
+INTEGER = re.compile(r"^[+-]?\d+$")
+FOLDER_KEYS = {False: "hydra.run.dir", True: "hydra.sweep.dir"}
+__all__ = ["as_typed", "check_command", "check_composes", "check_folder",
+           "check_seeds"]
+
+
+def check_command(args: list[str], conf_dir: Path, inspecting: bool = False) -> None:
+    """Every check of this module on one command line (``inspecting``: nothing is written)."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [read_override(arg) for arg in args if not arg.startswith("-")
+                 and ("=" in arg or arg.startswith("~"))]
+    check_seeds(overrides)
+    if not multirun:
+        _check_single_values(overrides)
+    check_composes(overrides, conf_dir)
+    if not inspecting:
+        key = FOLDER_KEYS[multirun]
+        check_folder(key, _folder_value(overrides, key, conf_dir))
+
+
+def check_seeds(overrides: list[Override]) -> None:
+    """``seed`` and each of its swept values must be an integer: refused before any run starts."""
+    for override in overrides:
+        if override.key_or_group != "seed" or override.is_delete():
+            continue
+        for value in override_values(override) or [as_typed(override)]:
+            if not INTEGER.match(str(value).strip()):
+                raise ConfigError("seed", value, "an integer (a sweep: -m seed=0,1,2 or "
+                                  "-m 'seed=range(0,10)')")
+
+
+def _check_single_values(overrides: list[Override]) -> None:
+    """Without ``-m`` a swept value is ambiguous: say how to sweep or how to write a list."""
+    for override in overrides:
+        if override.is_sweep_override():
+            raise ConfigError(override.get_key_element().lstrip("+~"), as_typed(override),
+                              "one value without -m (-m sweeps over it; [a,b] is a list)")
+
+
+def check_composes(overrides: list[Override], conf_dir: Path) -> None:
+    """Compose conf/ with the command line's keys, as few times as its sweeps allow."""
+    from hydra.errors import HydraException
+
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    if all(_is_group_choice(o, groups) for o in overrides):
+        return
+    for lines in _compositions(overrides, groups):
+        try:
+            _compose(conf_dir, lines)
+        except HydraException as err:
+            raise _explain(err, lines, overrides, groups, conf_dir) from None
+
+
+def _is_group_choice(override: Override, groups: set[str]) -> bool:
+    """A plain group choice (``head=etf``): check_overrides has checked it against conf/."""
+    return (override.key_or_group in groups and override.package is None
+            and not (override.is_add() or override.is_delete() or override.is_force_add()))
+
+
+def as_typed(override: Override) -> str:
+    """An override's value as the command line wrote it (a sweep's too)."""
+    if override.input_line and "=" in override.input_line:
+        return override.input_line.partition("=")[2]
+    return "" if override.is_delete() else override.get_value_element_as_str()
+
+
+def _single(override: Override, value: str) -> str:
+    return f"{override.get_key_element()}={value}"
+
+
+def _compositions(overrides: list[Override], groups: set[str]) -> Iterator[list[str]]:
+    """Override lists that between them compose every key of every job of the command line."""
+    first: list[str] = []
+    swept: list[tuple[int, Override, list[str]]] = []
+    for override in overrides:
+        if not override.is_sweep_override():
+            first.append(override.input_line or _single(override, override.value()))
+            continue
+        values = override_values(override)
+        if not values:
+            continue
+        first.append(_single(override, values[0]))
+        if override.key_or_group in groups and len(values) > 1:
+            swept.append((len(first) - 1, override, values[1:]))
+    yield first
+    dotted = [o.key_or_group for o in overrides if "." in o.key_or_group]
+    for index, override, values in swept:
+        group = override.key_or_group
+        if group == "experiment" or any(k.startswith(group + ".") for k in dotted):
+            for value in values:
+                yield [*first[:index], _single(override, value), *first[index + 1:]]
+
+
+def _compose(conf_dir: Path, lines: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose("config", overrides=lines, return_hydra_config=True)
+
+
+def _explain(err: Exception, lines: list[str], overrides: list[Override], groups: set[str],
+             conf_dir: Path) -> ConfigError:
+    """Hydra's several-line composition error as one line naming the key and what is allowed."""
+    message = str(err).strip()
+    quoted = re.search(r"'([^']+)'", message)
+    name = quoted.group(1) if quoted else getattr(err.__cause__, "full_key", None)
+    override = next((o for o in overrides if name and o.key_or_group == name), None)
+    key = override.get_key_element() if override else (name or "override")
+    value = as_typed(override) if override else None
+    missing = message.startswith("Could not override") or (
+        message.startswith("Could not delete") and "does not exist" in message)
+    if override is None or not missing:
+        detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        return ConfigError(key, value, f"a key and value conf/ accepts ({detail})")
+    base = [o.input_line for o in overrides
+            if _is_group_choice(o, groups) and not o.is_sweep_override() and o.input_line]
+    return ConfigError(key, value, unknown_key(override.key_or_group, base, groups, conf_dir))
+
+
+def unknown_key(key: str, base: list[str], groups: set[str], conf_dir: Path) -> str:
+    """What is allowed in place of ``key``: the group option that has it, or the closest keys."""
+    cfg = _compose(conf_dir, base)
+    group = key.partition(".")[0]
+    if "." in key and group in groups:
+        chosen = cfg.hydra.runtime.choices.get(group)
+        having = [option for option in group_options(conf_dir / group) if option != chosen
+                  and OmegaConf.select(_compose(conf_dir, [*base, f"{group}={option}"]), key,
+                                       default=_MISSING) is not _MISSING]
+        if having:
+            options = " or ".join(f"{group}={option}" for option in having)
+            return f"{key} exists only under {options} (this run has {group}={chosen})"
+    known = [k for k in _flat_keys(OmegaConf.to_container(cfg, resolve=False))
+             if key.startswith("hydra.") or k.partition(".")[0] != "hydra"]
+    close = closest(key, [*known, *sorted(groups)])
+    if close:
+        return "no such key" + close
+    parent = key.rpartition(".")[0]
+    siblings = sorted({k[len(parent) + 1:].partition(".")[0] for k in known
+                       if parent and k.startswith(parent + ".")})
+    if siblings:
+        return f"no such key; {parent} has {', '.join(siblings)}"
+    top = sorted({k.partition(".")[0] for k in known})
+    return f"no such key; the top-level keys are {', '.join(top)}"
+
+
+_MISSING = object()
+
+
+def _flat_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for name, child in node.items():
+            path = f"{prefix}{name}"
+            yield path
+            yield from _flat_keys(child, path + ".")
+
+
+def _folder_value(overrides: list[Override], key: str, conf_dir: Path) -> str:
+    """The run or sweep folder as the command line sets it, else as conf/config.yaml does."""
+    for override in overrides:
+        if override.key_or_group == key and not override.is_delete():
+            return as_typed(override)
+    node: Any = OmegaConf.to_container(OmegaConf.load(conf_dir / "config.yaml"), resolve=False)
+    for part in key.split("."):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, str) else ""
+
+
+def check_folder(key: str, value: str) -> None:
+    """The folder's fixed part (before any ``${...}``) must be a folder this user can create in."""
+    path = Path(value.split("${", 1)[0] or ".").expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(key, value, f"a folder you can write ({existing} is a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ncsweep-probe-", dir=existing))
+    except OSError as err:
+        raise ConfigError(key, value, f"a folder you can write (cannot create one in {existing}: "
+                          f"{err.strerror})") from None
