@@ -192,11 +192,13 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
     """Check group choices and ``dim`` on the command line against conf/, before Hydra runs."""
     for override in command_overrides(args):
         key = override.key_or_group
-        values = override_values(override)
-        not_a_choice = override.is_add() or override.is_force_add() or override.is_delete()
-        if not_a_choice or key.startswith("hydra") or values is None:
-            continue
         group = conf_dir / key
+        not_a_choice = override.is_add() or override.is_force_add() or override.is_delete()
+        if not_a_choice or key.startswith("hydra") or not (key == "dim" or group.is_dir()):
+            continue
+        values = override_values(override)
+        if values is None:
+            continue
         if key == "dim":
             for item in values:
                 check_dim_syntax(item)

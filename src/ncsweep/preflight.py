@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 INTEGER = re.compile(r"^[+-]?\d+$")
 FOLDER_KEYS = {False: "hydra.run.dir", True: "hydra.sweep.dir"}
 __all__ = ["as_typed", "check_command", "check_composes", "check_folder",
-           "check_seeds"]
+           "check_seeds", "compositions"]
 
 
 def check_command(args: list[str], conf_dir: Path, inspecting: bool = False) -> None:
@@ -47,12 +47,21 @@ def check_command(args: list[str], conf_dir: Path, inspecting: bool = False) -> 
 def check_seeds(overrides: list[Override]) -> None:
     """``seed`` and each of its swept values must be an integer: refused before any run starts."""
     for override in overrides:
-        if override.key_or_group != "seed" or override.is_delete():
+        if override.key_or_group != "seed" or override.is_delete() or _integer_range(override):
             continue
         for value in override_values(override) or [as_typed(override)]:
             if not INTEGER.match(str(value).strip()):
                 raise ConfigError("seed", value, "an integer (a sweep: -m seed=0,1,2 or "
                                   "-m 'seed=range(0,10)')")
+
+
+def _integer_range(override: Override) -> bool:
+    """``range(a,b,s)`` with integer bounds: every value is an integer, none need listing."""
+    if not override.is_range_sweep():
+        return False
+    sweep = override.value()
+    return all(isinstance(v, int) and not isinstance(v, bool)
+               for v in (sweep.start, sweep.stop, sweep.step))
 
 
 def _check_single_values(overrides: list[Override]) -> None:
@@ -70,7 +79,7 @@ def check_composes(overrides: list[Override], conf_dir: Path) -> None:
     groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
     if all(_is_group_choice(o, groups) for o in overrides):
         return
-    for lines in _compositions(overrides, groups):
+    for lines in compositions(overrides, groups):
         try:
             _compose(conf_dir, lines)
         except HydraException as err:
@@ -94,7 +103,7 @@ def _single(override: Override, value: str) -> str:
     return f"{override.get_key_element()}={value}"
 
 
-def _compositions(overrides: list[Override], groups: set[str]) -> Iterator[list[str]]:
+def compositions(overrides: list[Override], groups: set[str]) -> Iterator[list[str]]:
     """Override lists that between them compose every key of every job of the command line."""
     first: list[str] = []
     swept: list[tuple[int, Override, list[str]]] = []
@@ -102,11 +111,14 @@ def _compositions(overrides: list[Override], groups: set[str]) -> Iterator[list[
         if not override.is_sweep_override():
             first.append(override.input_line or _single(override, override.value()))
             continue
-        values = override_values(override)
-        if not values:
+        if override.key_or_group not in groups:
+            value = _first_value(override)
+            if value is not None:
+                first.append(_single(override, value))
             continue
-        first.append(_single(override, values[0]))
-        if override.key_or_group in groups and len(values) > 1:
+        values = override_values(override)
+        if values:
+            first.append(_single(override, values[0]))
             swept.append((len(first) - 1, override, values[1:]))
     yield first
     dotted = [o.key_or_group for o in overrides if "." in o.key_or_group]
@@ -115,6 +127,13 @@ def _compositions(overrides: list[Override], groups: set[str]) -> Iterator[list[
         if group == "experiment" or any(k.startswith(group + ".") for k in dotted):
             for value in values:
                 yield [*first[:index], _single(override, value), *first[index + 1:]]
+
+
+def _first_value(override: Override) -> str | None:
+    """A choice or range sweep's first value as Hydra writes it, without listing the rest."""
+    if not (override.is_choice_sweep() or override.is_range_sweep()):
+        return None
+    return next(iter(override.sweep_string_iterator()), None)
 
 
 def _compose(conf_dir: Path, lines: list[str]) -> DictConfig:
