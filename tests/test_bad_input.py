@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ncsweep.config import ConfigError, command_overrides, validate
-from ncsweep.preflight import compositions
+from ncsweep.preflight import check_command, compositions
 from tests.support import CONF, FAST, compose_cfg, run_cli
 
 GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
@@ -46,6 +46,8 @@ def assert_refused(result: subprocess.CompletedProcess, root: Path, *fragments: 
                                                         "did you mean trainer.epochs?"]),
     (["-m", "schedule=cosine,multistep", "schedule.milestones=[1]"],
      ["schedule.milestones exists only under schedule=multistep"]),
+    (["-m", "seed=0,1", "hydra.launcher.nodes=2"],
+     ["hydra.launcher.nodes='2'", "exists only under launcher=local or launcher=slurm"]),
 ])
 def test_a_bad_key_or_value_is_one_line_with_what_is_allowed(
         tmp_path: Path, args: list[str], fragments: list[str]) -> None:
@@ -110,6 +112,14 @@ def test_a_sweep_composes_once_per_group_option_its_keys_depend_on() -> None:
     assert list(compositions(scheduled, GROUPS)) == [
         ["schedule=cosine", "schedule.milestones=[1]"],
         ["schedule=multistep", "schedule.milestones=[1]"]]
+
+
+def test_keys_of_the_chosen_options_pass(tmp_path: Path) -> None:
+    check_command(["-m", "optim=lbfgs", "optim.max_iter=3", "launcher=slurm", "seed=range(0,9)",
+                   "hydra.launcher.nodes=2", f"hydra.sweep.dir={tmp_path}/s", "+foo=1"], CONF)
+    check_command(["schedule=multistep", "schedule.milestones=[1,2]", "~head.seed", "head=etf",
+                   f"hydra.run.dir={tmp_path}/r"], CONF)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("seed", ["abc", 1.5, True, None])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from ncsweep.config import closest, group_options, read_override
 from ncsweep.errors import ConfigError
@@ -22,9 +23,15 @@ from ncsweep.keys import override_values
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
+    from hydra.errors import HydraException
     from omegaconf import DictConfig
 
 INTEGER = re.compile(r"^[+-]?\d+$")
+OTHER_CONFIG = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-sc",
+                "--shell-completion", "--experimental-rerun")
+"""Flags after which the command line is not conf/config.yaml's overrides: left to Hydra."""
+PLACED = {"hydra.launcher.": "launcher"}
+"""Key prefixes a group other than their first part fills: ``launcher=slurm`` sets these."""
 FOLDER_KEYS = {False: "hydra.run.dir", True: "hydra.sweep.dir"}
 __all__ = ["as_typed", "check_command", "check_composes", "check_folder",
            "check_seeds", "compositions"]
@@ -32,6 +39,8 @@ __all__ = ["as_typed", "check_command", "check_composes", "check_folder",
 
 def check_command(args: list[str], conf_dir: Path, inspecting: bool = False) -> None:
     """Every check of this module on one command line (``inspecting``: nothing is written)."""
+    if any(a.startswith(OTHER_CONFIG) for a in args):
+        return
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [read_override(arg) for arg in args if not arg.startswith("-")
                  and ("=" in arg or arg.startswith("~"))]
@@ -143,34 +152,39 @@ def _compose(conf_dir: Path, lines: list[str]) -> DictConfig:
         return compose("config", overrides=lines, return_hydra_config=True)
 
 
-def _explain(err: Exception, lines: list[str], overrides: list[Override], groups: set[str],
+def _explain(err: HydraException, lines: list[str], overrides: list[Override], groups: set[str],
              conf_dir: Path) -> ConfigError:
     """Hydra's several-line composition error as one line naming the key and what is allowed."""
+    from hydra.errors import HydraException
+
     message = str(err).strip()
     quoted = re.search(r"'([^']+)'", message)
     name = quoted.group(1) if quoted else getattr(err.__cause__, "full_key", None)
     override = next((o for o in overrides if name and o.key_or_group == name), None)
     key = override.get_key_element() if override else (name or "override")
     value = as_typed(override) if override else None
-    missing = message.startswith("Could not override") or (
+    missing = isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)) or (
         message.startswith("Could not delete") and "does not exist" in message)
+    detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
     if override is None or not missing:
-        detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
         return ConfigError(key, value, f"a key and value conf/ accepts ({detail})")
-    base = [o.input_line for o in overrides
-            if _is_group_choice(o, groups) and not o.is_sweep_override() and o.input_line]
-    return ConfigError(key, value, unknown_key(override.key_or_group, base, groups, conf_dir))
+    base = [line for line in lines if line.partition("=")[0] in groups]
+    try:
+        return ConfigError(key, value, unknown_key(override.key_or_group, base, groups, conf_dir))
+    except HydraException:
+        return ConfigError(key, value, f"a key conf/ has ({detail})")
 
 
 def unknown_key(key: str, base: list[str], groups: set[str], conf_dir: Path) -> str:
     """What is allowed in place of ``key``: the group option that has it, or the closest keys."""
     cfg = _compose(conf_dir, base)
-    group = key.partition(".")[0]
+    group = next((g for prefix, g in PLACED.items() if key.startswith(prefix)),
+                 key.partition(".")[0])
     if "." in key and group in groups:
         chosen = cfg.hydra.runtime.choices.get(group)
+        others = [line for line in base if line.partition("=")[0] != group]
         having = [option for option in group_options(conf_dir / group) if option != chosen
-                  and OmegaConf.select(_compose(conf_dir, [*base, f"{group}={option}"]), key,
-                                       default=_MISSING) is not _MISSING]
+                  and _has(_compose(conf_dir, [*others, f"{group}={option}"]), key)]
         if having:
             options = " or ".join(f"{group}={option}" for option in having)
             return f"{key} exists only under {options} (this run has {group}={chosen})"
@@ -189,6 +203,11 @@ def unknown_key(key: str, base: list[str], groups: set[str], conf_dir: Path) -> 
 
 
 _MISSING = object()
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default=_MISSING,
+                            throw_on_resolution_failure=False) is not _MISSING
 
 
 def _flat_keys(node: Any, prefix: str = "") -> Iterator[str]:
