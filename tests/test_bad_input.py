@@ -37,6 +37,9 @@ def assert_refused(result: subprocess.CompletedProcess, root: Path, *fragments: 
     (["foo.bar=1"], ["foo.bar='1' is not allowed: no such key", "trainer"]),
     (["sched=cosine"], ["sched='cosine' is not allowed: no such key (did you mean schedule?)"]),
     (["head=etff"], ["head='etff' is not allowed: one of etf, learned (did you mean etf?)"]),
+    (["+trainer.epochs=3"], ["+trainer.epochs='3' is not allowed: trainer.epochs exists already: "
+                             "set it without + (trainer.epochs=3)"]),
+    (["hydra/launcher=nope"], ["hydra/launcher='nope' is not allowed: one of basic"]),
     (["~trainer.epoch"], ["~trainer.epoch", "did you mean trainer.epochs?"]),
     (["seed=abc"], ["seed='abc' is not allowed: an integer"]),
     (["seed=1.5"], ["seed='1.5' is not allowed: an integer"]),

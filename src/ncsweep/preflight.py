@@ -34,7 +34,7 @@ PLACED = {"hydra.launcher.": "launcher"}
 """Key prefixes a group other than their first part fills: ``launcher=slurm`` sets these."""
 FOLDER_KEYS = {False: "hydra.run.dir", True: "hydra.sweep.dir"}
 __all__ = ["as_typed", "check_command", "check_composes", "check_folder",
-           "check_seeds", "compositions"]
+           "check_seeds", "compositions", "group_of"]
 
 
 def check_command(args: list[str], conf_dir: Path, inspecting: bool = False) -> None:
@@ -109,6 +109,7 @@ def as_typed(override: Override) -> str:
 
 
 def _single(override: Override, value: str) -> str:
+    """The override setting one of a sweep's values."""
     return f"{override.get_key_element()}={value}"
 
 
@@ -130,10 +131,10 @@ def compositions(overrides: list[Override], groups: set[str]) -> Iterator[list[s
             first.append(_single(override, values[0]))
             swept.append((len(first) - 1, override, values[1:]))
     yield first
-    dotted = [o.key_or_group for o in overrides if "." in o.key_or_group]
+    filled = {group_of(o.key_or_group) for o in overrides if "." in o.key_or_group}
     for index, override, values in swept:
         group = override.key_or_group
-        if group == "experiment" or any(k.startswith(group + ".") for k in dotted):
+        if group == "experiment" or group in filled:
             for value in values:
                 yield [*first[:index], _single(override, value), *first[index + 1:]]
 
@@ -145,7 +146,14 @@ def _first_value(override: Override) -> str | None:
     return next(iter(override.sweep_string_iterator()), None)
 
 
+def group_of(key: str) -> str:
+    """The group whose choice decides whether ``key`` exists (its first part, but see PLACED)."""
+    return next((g for prefix, g in PLACED.items() if key.startswith(prefix)),
+                key.partition(".")[0])
+
+
 def _compose(conf_dir: Path, lines: list[str]) -> DictConfig:
+    """conf/config.yaml composed with ``lines``, Hydra's node included."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
@@ -155,8 +163,10 @@ def _compose(conf_dir: Path, lines: list[str]) -> DictConfig:
 def _explain(err: HydraException, lines: list[str], overrides: list[Override], groups: set[str],
              conf_dir: Path) -> ConfigError:
     """Hydra's several-line composition error as one line naming the key and what is allowed."""
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
 
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        return _missing_option(err.missing_cfg_file, list(err.options), overrides)
     message = str(err).strip()
     quoted = re.search(r"'([^']+)'", message)
     name = quoted.group(1) if quoted else getattr(err.__cause__, "full_key", None)
@@ -166,6 +176,9 @@ def _explain(err: HydraException, lines: list[str], overrides: list[Override], g
     missing = isinstance(err.__cause__, (ConfigAttributeError, ConfigKeyError)) or (
         message.startswith("Could not delete") and "does not exist" in message)
     detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    if override is not None and "An item is already at" in message:
+        return ConfigError(key, value, f"{name} exists already: set it without + "
+                                       f"({name}={value})")
     if override is None or not missing:
         return ConfigError(key, value, f"a key and value conf/ accepts ({detail})")
     base = [line for line in lines if line.partition("=")[0] in groups]
@@ -175,11 +188,19 @@ def _explain(err: HydraException, lines: list[str], overrides: list[Override], g
         return ConfigError(key, value, f"a key conf/ has ({detail})")
 
 
+def _missing_option(missing: str, options: list[str], overrides: list[Override]) -> ConfigError:
+    """An option no file of its group holds (``hydra/launcher=nope``): the group's options."""
+    group, _, option = missing.rpartition("/")
+    override = next((o for o in overrides if o.key_or_group.lstrip("+") == group), None)
+    key = override.get_key_element() if override else group
+    value = as_typed(override) if override else option
+    return ConfigError(key, value, "one of " + ", ".join(options) + closest(option, options))
+
+
 def unknown_key(key: str, base: list[str], groups: set[str], conf_dir: Path) -> str:
     """What is allowed in place of ``key``: the group option that has it, or the closest keys."""
     cfg = _compose(conf_dir, base)
-    group = next((g for prefix, g in PLACED.items() if key.startswith(prefix)),
-                 key.partition(".")[0])
+    group = group_of(key)
     if "." in key and group in groups:
         chosen = cfg.hydra.runtime.choices.get(group)
         others = [line for line in base if line.partition("=")[0] != group]
@@ -206,11 +227,13 @@ _MISSING = object()
 
 
 def _has(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` exists in ``cfg``, resolvable or not."""
     return OmegaConf.select(cfg, key, default=_MISSING,
                             throw_on_resolution_failure=False) is not _MISSING
 
 
 def _flat_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of a plain nested dict, parents included."""
     if isinstance(node, dict):
         for name, child in node.items():
             path = f"{prefix}{name}"
@@ -222,7 +245,8 @@ def _folder_value(overrides: list[Override], key: str, conf_dir: Path) -> str:
     """The run or sweep folder as the command line sets it, else as conf/config.yaml does."""
     for override in overrides:
         if override.key_or_group == key and not override.is_delete():
-            return as_typed(override)
+            value = override.value()
+            return value if isinstance(value, str) else as_typed(override)
     node: Any = OmegaConf.to_container(OmegaConf.load(conf_dir / "config.yaml"), resolve=False)
     for part in key.split("."):
         node = node.get(part, {}) if isinstance(node, dict) else {}
