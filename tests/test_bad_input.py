@@ -97,6 +97,11 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_model(tmp_path: Path
         assert_refused(result, tmp_path, f"trainer.device='{device}' is not allowed: {reason}",
                        "auto or cpu" if "no " in reason else "auto, cpu")
         assert "NVIDIA driver" not in result.stderr
+    [(beyond, reason)] = missing_devices()[:1]
+    swept = run_cli(["-m", f"trainer.device=cpu,{beyond}", "seed=0,1", *FAST], tmp_path,
+                    timeout=120)
+    assert_refused(swept, tmp_path, f"trainer.device='{beyond}' is not allowed: {reason}")
+    assert not (tmp_path / "multirun").exists()
 
 
 def test_config_errors_never_import_torch(tmp_path: Path) -> None:
@@ -132,3 +137,11 @@ def test_validate_refuses_a_seed_that_is_not_an_integer(seed: object) -> None:
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.key == "seed" and "an integer" in str(err.value)
+
+
+def test_validate_refuses_a_device_this_machine_lacks() -> None:
+    """The job's own check: what a cluster node finds, where the submitting host cannot know."""
+    for device, reason in missing_devices():
+        with pytest.raises(ConfigError) as err:
+            validate(compose_cfg([f"trainer.device={device}"]))
+        assert err.value.key == "trainer.device" and reason in str(err.value)

@@ -27,8 +27,8 @@ NONFINITE_CHOICES = ("fail", "ignore")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 RUN_KEY_MAX = 96
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
-__all__ = ["ConfigError", "check_overrides", "command_overrides", "read_override",
-           "register_resolvers", "resolve_dim", "run_key", "validate"]
+__all__ = ["ConfigError", "check_device", "check_overrides", "closest", "command_overrides",
+           "read_override", "register_resolvers", "resolve_dim", "run_key", "validate"]
 
 
 def resolve_dim(value: Any, num_classes: int) -> int:

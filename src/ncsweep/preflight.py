@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from ncsweep.config import closest, group_options, read_override
+from ncsweep.config import DEVICE_PATTERN, check_device, closest, group_options, read_override
 from ncsweep.errors import ConfigError
 from ncsweep.keys import override_values
 
@@ -32,8 +32,10 @@ OTHER_CONFIG = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config
 """Flags after which the command line is not conf/config.yaml's overrides: left to Hydra."""
 PLACED = {"hydra.launcher.": "launcher"}
 """Key prefixes a group other than their first part fills: ``launcher=slurm`` sets these."""
+LAUNCHED_HERE = ("basic", "local")
+"""Launchers whose jobs run on this machine, so its devices are theirs."""
 FOLDER_KEYS = {False: "hydra.run.dir", True: "hydra.sweep.dir"}
-__all__ = ["as_typed", "check_command", "check_composes", "check_folder",
+__all__ = ["as_typed", "check_command", "check_composes", "check_devices", "check_folder",
            "check_seeds", "compositions", "group_of"]
 
 
@@ -51,6 +53,7 @@ def check_command(args: list[str], conf_dir: Path, inspecting: bool = False) -> 
     if not inspecting:
         key = FOLDER_KEYS[multirun]
         check_folder(key, _folder_value(overrides, key, conf_dir))
+        check_devices(overrides)
 
 
 def check_seeds(overrides: list[Override]) -> None:
@@ -62,6 +65,28 @@ def check_seeds(overrides: list[Override]) -> None:
             if not INTEGER.match(str(value).strip()):
                 raise ConfigError("seed", value, "an integer (a sweep: -m seed=0,1,2 or "
                                   "-m 'seed=range(0,10)')")
+
+
+def check_devices(overrides: list[Override]) -> None:
+    """A named accelerator this machine lacks, where the jobs run here (not on a cluster's nodes).
+
+    Imports torch only when a device other than auto or cpu is named.
+    """
+    launchers = [v for o in overrides if o.key_or_group == "launcher" for v in _plain_values(o)]
+    if any(launcher not in LAUNCHED_HERE for launcher in launchers):
+        return
+    for override in overrides:
+        if override.key_or_group == "trainer.device" and not override.is_delete():
+            for value in _plain_values(override):
+                if DEVICE_PATTERN.match(value):
+                    check_device(value)
+
+
+def _plain_values(override: Override) -> list[str]:
+    """The values an override sets, unescaped (``cuda:1``, not ``cuda\\:1``); [] for a glob."""
+    if override.is_choice_sweep() or override.is_range_sweep():
+        return [str(v) for v in override.sweep_iterator()]
+    return [] if override.is_sweep_override() else [str(override.value())]
 
 
 def _integer_range(override: Override) -> bool:
