@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ncsweep.config import ConfigError, check_overrides, command_overrides, register_resolvers
 from ncsweep.keys import override_values
+from ncsweep.preflight import check_command
 
 register_resolvers()
 
@@ -46,13 +47,14 @@ def launcher_error(args: list[str]) -> str | None:
 
 
 def main() -> None:
-    """Entry point: one-line errors for bad group choices, dims and launchers, then Hydra."""
+    """Entry point: one-line errors for bad choices, keys, seeds, folders, launchers; then Hydra."""
     import hydra
 
     conf = conf_dir()
     args = sys.argv[1:]
     try:
         check_overrides(args, conf)
+        check_command(args, conf, inspecting=any(a in INSPECTING for a in args))
     except ConfigError as err:
         print(f"ncsweep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

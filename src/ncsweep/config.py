@@ -5,6 +5,7 @@ Imports nothing heavy, so ``--help``, ``--cfg`` and config errors never pay for 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Mapping
@@ -27,8 +28,8 @@ NONFINITE_CHOICES = ("fail", "ignore")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 RUN_KEY_MAX = 96
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
-__all__ = ["ConfigError", "check_overrides", "command_overrides", "read_override",
-           "register_resolvers", "resolve_dim", "run_key", "validate"]
+__all__ = ["ConfigError", "check_device", "check_overrides", "closest", "command_overrides",
+           "read_override", "register_resolvers", "resolve_dim", "run_key", "validate"]
 
 
 def resolve_dim(value: Any, num_classes: int) -> int:
@@ -138,7 +139,29 @@ def validate(cfg: Any) -> dict:
     device = plain["trainer"].get("device", "auto")
     if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
         raise ConfigError("trainer.device", device, "auto, cpu, cuda, cuda:N or mps")
+    check_device(device)
+    seed = plain.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError("seed", seed, "an integer")
     return plain
+
+
+def check_device(device: str) -> None:
+    """A named accelerator must exist on this machine, checked before any model is built."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.device", device, "no MPS device here; auto or cpu")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        allowed = (f"this machine has {count} CUDA device(s); auto, cpu, cuda or cuda:N with "
+                   f"N < {count}" if count else "no CUDA device here; auto or cpu")
+        raise ConfigError("trainer.device", device, allowed)
 
 
 def _is_ufm(cfg: Any) -> bool:
@@ -170,11 +193,13 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
     """Check group choices and ``dim`` on the command line against conf/, before Hydra runs."""
     for override in command_overrides(args):
         key = override.key_or_group
-        values = override_values(override)
-        not_a_choice = override.is_add() or override.is_force_add() or override.is_delete()
-        if not_a_choice or key.startswith("hydra") or values is None:
-            continue
         group = conf_dir / key
+        not_a_choice = override.is_add() or override.is_force_add() or override.is_delete()
+        if not_a_choice or key.startswith("hydra") or not (key == "dim" or group.is_dir()):
+            continue
+        values = override_values(override)
+        if values is None:
+            continue
         if key == "dim":
             for item in values:
                 check_dim_syntax(item)
@@ -182,7 +207,17 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
             options = group_options(group)
             for item in values:
                 if item not in options and item != "null":
-                    raise ConfigError(key, item, "one of " + ", ".join(options))
+                    allowed = "one of " + ", ".join(options) + closest(item, options)
+                    raise ConfigError(key, item, allowed)
+
+
+def closest(name: str, names: list[str]) -> str:
+    """`` (did you mean x?)`` naming the nearest of ``names`` to a mistyped ``name``, or ''."""
+    scored = sorted(((difflib.SequenceMatcher(None, name, n).ratio(), n) for n in set(names)),
+                    reverse=True)
+    best = scored[0][0] if scored else 1.0
+    close = [n for score, n in scored[:3] if score >= max(0.6, best - 0.05)]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def command_overrides(args: list[str]) -> list[Override]:
