@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,12 @@ def test_design_card_sweep_basic_launcher_then_skips_everything(tmp_path: Path) 
     assert len(runs) == 4 and {(s["head"], s["feature_dim"]) for s in runs.values()} == JOBS
     assert all(s["status"] == "done" and s["train_acc"] > 0.3 for s in runs.values())
     assert "4 done" in first.stdout and str(tmp_path / "multirun" / "card") in first.stdout
+    # the sweep ends with the answer: one seed a side settles nothing, and says what would
+    assert re.search(r": accuracy inconclusive .*(about \d+|more than 100) seeds a side",
+                     first.stdout), first.stdout[-3000:]
+    report = tmp_path / "multirun" / "card" / "report"
+    assert f"report written to {report / 'report.md'}" in first.stdout
+    assert (report / "verdicts.csv").is_file() and (report / "report.md").is_file()
     second = run_cli(args, tmp_path)
     assert second.returncode == 0, second.stderr
     assert "4 skipped" in second.stdout and "already done, skipped" in second.stdout
