@@ -126,7 +126,7 @@ class Trainer:
                  checkpoint_every: int | None = None, deterministic: bool = False,
                  progress: bool = True, on_nonfinite: str = "fail",
                  max_feature_bytes: int = 512 * 2**20, cpu_threads: int | None = None,
-                 sync_batchnorm: bool = False, layers: Any = "all") -> None:
+                 sync_batchnorm: bool = False, layers: Any = None) -> None:
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
         self.device = distributed.rank_device(resolve_device(device))
         self.sync_batchnorm = _check_sync_batchnorm(sync_batchnorm, self.device)

@@ -1,0 +1,116 @@
+"""Collapse through depth end to end: a real run's per-block rows against an independent float64
+computation from the final weights, the UFM without layers, and nc.layers refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ncsweep.build import build_run
+from ncsweep.config import validate
+from ncsweep.nc.layers import BLOCK_KEYS, FIT_KEYS, layer_key
+from ncsweep.tracking import RunFolder
+from tests.support import FAST, compose_cfg, run_cli
+
+RTOL = 1e-9
+SHORT = [*FAST, "trainer.epochs=3", "trainer.eval_every=3", "arch.width=48", "dim=24",
+         "nc.layers=all"]
+MLP_BLOCKS = ("hidden1", "hidden2", "features")
+
+
+def reference(h: np.ndarray, y: np.ndarray, h_test: np.ndarray, y_test: np.ndarray,
+              k: int) -> dict[str, float]:
+    """docs/metrics.md's per-block formulas written out in numpy float64."""
+    n, d = h.shape
+    mu = np.stack([h[y == c].mean(axis=0) for c in range(k)])
+    dev = h - mu[y]
+    sigma_w = dev.T @ dev / n
+    m = mu - h.mean(axis=0)
+    sigma_b = m.T @ m / k
+    pinv = np.linalg.pinv(sigma_b, rcond=max(d, k) * np.finfo(np.float64).eps, hermitian=True)
+    var = np.array([np.square(dev[y == c]).sum(axis=1).mean() for c in range(k)])
+    cdnv = np.mean([(var[a] + var[b]) / (2 * np.square(mu[a] - mu[b]).sum())
+                    for a in range(k) for b in range(a + 1, k)])
+
+    def ncc(feats: np.ndarray, labels: np.ndarray) -> float:
+        dist = np.square(feats[:, None, :] - mu[None]).sum(axis=2)
+        return float((dist.argmin(axis=1) == labels).mean())
+
+    return {"nc1": np.trace(sigma_w @ pinv) / k, "cdnv": cdnv,
+            "trace_ratio": np.trace(sigma_w) / np.trace(sigma_b),
+            "ncc_acc_train": ncc(h, y), "ncc_acc_test": ncc(h_test, y_test)}
+
+
+@torch.no_grad()
+def mlp_block_features(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The MLP's blocks in float64 from the test's own hooks: each Linear group's ReLU."""
+    relus = [m for m in model.backbone.layers if isinstance(m, torch.nn.ReLU)]
+    raw: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, name=name: raw.__setitem__(
+        name, out.detach().clone())) for name, m in zip(MLP_BLOCKS, relus, strict=True)]
+    model.eval()
+    model(x)
+    for handle in handles:
+        handle.remove()
+    return {name: t.numpy().astype(np.float64) for name, t in raw.items()}
+
+
+def test_a_real_runs_block_rows_equal_a_float64_computation_from_its_weights(job_runner):
+    out, summary = job_runner(SHORT)
+    folder = RunFolder(out)
+    final = folder.read_metrics()[-1]
+    assert final["epoch"] == 3
+    run = build_run(validate(compose_cfg(SHORT)))
+    state = torch.load(folder.file("checkpoint.pt"), weights_only=True)
+    run.model.load_state_dict(state["model"])
+    train, test = run.data.train, run.data.test
+    h = mlp_block_features(run.model, train.inputs)
+    h_test = mlp_block_features(run.model, test.inputs)
+    y, y_test = train.labels.numpy(), test.labels.numpy()
+    nc1 = []
+    for block in MLP_BLOCKS:
+        want = reference(h[block], y, h_test[block], y_test, run.data.num_classes)
+        for key in BLOCK_KEYS:
+            got = final[layer_key(block, key)]
+            assert got == pytest.approx(want[key], rel=RTOL), (block, key)
+            assert summary[layer_key(block, key)] == got
+        nc1.append(want["nc1"])
+    slope, intercept = np.polyfit(np.arange(3), np.log10(nc1), 1)
+    fitted = intercept + slope * np.arange(3)
+    r2 = 1 - np.square(np.log10(nc1) - fitted).sum() / np.square(
+        np.log10(nc1) - np.mean(np.log10(nc1))).sum()
+    assert final["layers_decay_ratio"] == pytest.approx(10.0**slope, rel=1e-9)
+    assert final["layers_r2"] == pytest.approx(r2, rel=1e-9, abs=1e-12)
+    assert final[layer_key("features", "nc1")] == pytest.approx(final["nc1"], rel=RTOL)
+
+
+def test_named_blocks_and_last_log_only_those(job_runner):
+    _, named = job_runner([*SHORT[:-1], "nc.layers=[hidden2]"], folder="named")
+    _, last = job_runner([*SHORT[:-1], "nc.layers=last"], folder="last")
+    _, none = job_runner([*SHORT[:-1], "nc.layers=null"], folder="none")
+    assert {k for k in named if k.startswith("layers")} == {
+        layer_key("hidden2", key) for key in BLOCK_KEYS}
+    assert {k for k in last if k.startswith("layers")} == {
+        layer_key("features", key) for key in BLOCK_KEYS}
+    assert not [k for k in none if k.startswith("layers")]
+    assert named["nc1"] == last["nc1"] == none["nc1"]
+
+
+def test_the_ufm_logs_no_layers(job_runner):
+    _, summary = job_runner([*FAST, "experiment=ufm", "dataset.num_classes=4",
+                             "dataset.n_per_class=5", "trainer.epochs=2", "optim.max_iter=3"])
+    assert summary["status"] == "done"
+    assert not [k for k in summary if k.startswith("layers") or k in FIT_KEYS]
+
+
+def test_a_name_that_is_not_a_block_is_one_line(tmp_path: Path) -> None:
+    result = run_cli([*FAST, "nc.layers=[hidden1,stage3]"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "ncsweep: error: nc.layers='stage3' is not allowed: all, last, or a list of this "
+        "architecture's blocks: hidden1, hidden2, features")
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("**/checkpoint.pt"))
