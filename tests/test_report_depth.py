@@ -51,7 +51,7 @@ def test_the_depth_section_shows_nc1_per_block_the_fit_and_where_the_sides_diffe
     assert "| setting | runs | decay ratio | R² | NC1 hidden1 | NC1 hidden2 | NC1 features |" in md
     assert "| etf, d=K | 2 | 0.5 [0.5, 0.5] | 1 [1, 1] | 1 [1, 1] | 0.5 [0.5, 0.5] |" in md
     assert "| learned, d=512 | 2 | 0.1 [0.1, 0.1] | 1 [1, 1] |" in md
-    assert ("differ by more than their 95% intervals in: decay ratio (higher for the "
+    assert ("differ by more than their 90% intervals in: decay ratio (higher for the "
             "candidate), NC1 at hidden2 (higher for the candidate), NC1 at features (higher "
             "for the candidate).") in md
     csv = pd.read_csv(tmp_path / "out" / "runs.csv")

@@ -20,11 +20,14 @@ from ncsweep.report.conditions import numeric
 from ncsweep.report.document import Document
 from ncsweep.report.figures import STYLE, group_label, new_figure, setting_label
 from ncsweep.report.stats import mean_interval
+from ncsweep.report.verdicts import ALPHA
 
 PREFIX = "layers"
 FIT_KEYS = ("layers_decay_ratio", "layers_r2")
 """``ncsweep.nc.layers``' key prefix and fit keys (repeated here: the report imports no torch)."""
 NC1 = re.compile(rf"^{PREFIX}/(?P<block>[^/]+)/nc1$")
+LEVEL = f"{1 - 2 * ALPHA:.0%}"
+"""The intervals' level: two-sided 1 - 2 alpha at the verdicts' alpha, as their intervals."""
 FIT_NAMES = {"layers_decay_ratio": "decay ratio", "layers_r2": "R²"}
 _ORDER = re.compile(r"^(?P<kind>stem|stage|block|hidden|fc|features)(?P<index>\d*)$")
 _KIND_RANK = {"stem": 0, "stage": 1, "block": 1, "hidden": 1, "fc": 2, "features": 3}
@@ -56,7 +59,7 @@ def depth_runs(runs: pd.DataFrame, group: Mapping[str, object],
 
 
 def depth_table(frame: pd.DataFrame, blocks: Sequence[str]) -> pd.DataFrame:
-    """One row per setting: runs, the decay ratio and R² (mean [95% t interval] over seeds)
+    """One row per setting: runs, the decay ratio and R² (mean [t interval] over seeds)
     and each block's NC1 (geometric mean [interval on log10])."""
     rows = []
     for setting in _settings(frame):
@@ -99,10 +102,10 @@ def differences(frame: pd.DataFrame, blocks: Sequence[str]) -> str:
             apart.append(f"{label} ({word} for the candidate)")
     if apart:
         text = ("The candidate (etf, d=K) and the baseline (learned, largest d) differ by more "
-                f"than their 95% intervals in: {', '.join(apart)}.")
+                f"than their {LEVEL} intervals in: {', '.join(apart)}.")
     else:
         text = ("The candidate (etf, d=K) and the baseline (learned, largest d) differ by more "
-                "than their 95% intervals nowhere: every interval overlaps.")
+                f"than their {LEVEL} intervals nowhere: every interval overlaps.")
     if unknown:
         text += f" Not judged (fewer than 2 seeds a side): {', '.join(unknown)}."
     return text
@@ -144,7 +147,8 @@ def depth_section(doc: Document, frame: pd.DataFrame, blocks: Sequence[str],
                   "docs/metrics.md). The law of data separation: the least-squares line of "
                   "log10 NC1 on the block's depth; the decay ratio is 10^slope, the factor by "
                   "which NC1 shrinks per block, and R² says how straight the line is. Cells: "
-                  "mean over seeds [95% t interval] (NC1: geometric mean, interval on log10).")
+                  f"mean over seeds [{LEVEL} t interval] (NC1: geometric mean, interval on "
+                  "log10).")
     if figure is not None:
         doc.image(figure, f"{title}: NC1 per block")
     doc.table(depth_table(frame, blocks), index=False)
