@@ -10,10 +10,11 @@ Two models, as ``Trainer.measure`` evaluates them (``ncsweep.training.evaluate``
 - ResNet18 (conf/'s ImageNet stem, d = 512, K = 10) on CIFAR-shaped synthetic inputs
   (3 x 32 x 32, uint8 normalised per batch), eval batch 256.
 
-The variants alternate within one process (the order rotates every repeat). Each ratio is of
-the fastest repeats (as ``timeit`` advises: on a shared machine the slower repeats measure the
-other load), the ratio of the medians beside it. Wall-clock times on the device given (default:
-the CPU).
+The variants alternate within one process (the order rotates every repeat). On the CPU the
+headline is the process's CPU time on one thread (``--threads 1``): on a shared machine wall
+time measures the other load as much as the eval point (two runs of the same script gave 1.1x
+and 1.7x), CPU time on one thread measures the work. Each ratio is of the fastest repeats (as
+``timeit`` advises), the ratio of the wall-clock medians beside it. On CUDA: wall time.
 """
 
 from __future__ import annotations
@@ -72,22 +73,23 @@ def eval_point(model: nn.Module, data: DataBundle, batch: int,
 
 
 def timings(fns: dict[str, Callable[[], object]], repeats: int,
-            device: torch.device) -> dict[str, list[float]]:
-    """Wall seconds of each function's repeats, called in a rotating order after one warm-up."""
+            device: torch.device) -> dict[str, list[tuple[float, float]]]:
+    """(wall, process CPU) seconds of each function's repeats, in a rotating order after one
+    warm-up."""
     names = list(fns)
     for name in names:
         fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for repeat in range(repeats):
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for name in order:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fns[name]()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start, time.process_time() - cpu))
     return times
 
 
@@ -95,12 +97,14 @@ def report(label: str, model: Network, data: DataBundle, batch: int, repeats: in
            device: torch.device) -> None:
     fns = {s: eval_point(model, data, batch, s) for s in SELECTIONS}
     times = timings(fns, repeats, device)
-    best = {name: min(t) for name, t in times.items()}
-    median = {name: statistics.median(t) for name, t in times.items()}
+    column = 0 if device.type == "cuda" else 1
+    best = {name: min(t[column] for t in ts) for name, ts in times.items()}
+    median = {name: statistics.median(t[0] for t in ts) for name, ts in times.items()}
     blocks = ", ".join(b.name for b in select_blocks(model, "all"))
-    print(f"{label} [{blocks}]: eval point without layers {best['none'] * 1e3:.1f} ms; "
-          + "; ".join(f"{name} {best[name] * 1e3:.1f} ms ({best[name] / best['none']:.3f}x, "
-                      f"medians {median[name] / median['none']:.3f}x)"
+    kind = "wall" if column == 0 else "CPU"
+    print(f"{label} [{blocks}]: eval point without layers {best['none'] * 1e3:.1f} ms {kind}; "
+          + "; ".join(f"{name} {best[name] * 1e3:.1f} ms ({best[name] / best['none']:.3f}x; "
+                      f"wall medians {median[name] / median['none']:.3f}x)"
                       for name in ("all", "last")))
 
 
@@ -111,7 +115,9 @@ def main() -> None:
     parser.add_argument("--resnet-test", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=("digits", "resnet18"), default=None)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.repeats} repeats")

@@ -6,12 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from ncsweep.build import build_run
 from ncsweep.config import validate
 from ncsweep.nc.layers import BLOCK_KEYS, FIT_KEYS, layer_key
+from ncsweep.report import load
+from ncsweep.report.__main__ import main
+from ncsweep.report.wandb_log import wandb_offline_files
 from ncsweep.tracking import RunFolder
 from tests.support import FAST, compose_cfg, run_cli
 
@@ -114,3 +118,22 @@ def test_a_name_that_is_not_a_block_is_one_line(tmp_path: Path) -> None:
         "architecture's blocks: hidden1, hidden2, features")
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("**/checkpoint.pt"))
+
+
+def test_block_rows_reach_wandb_and_runs_csv_as_in_the_run_folder(tmp_path: Path) -> None:
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false"}
+    args = ["-m", "trainer.progress=false", "trainer.epochs=2", "trainer.eval_every=1",
+            "arch.width=32", "nc.layers=all", "name=depth"]
+    result = run_cli(args, tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [summary] = (tmp_path / "multirun" / "depth").glob("*/summary.json")
+    mine, my_history = load(summary.parent)
+    theirs, their_history = load(wandb_offline_files(summary.parent)[0].parent)
+    keys = [k for k in mine.columns if k.startswith("layers")]
+    assert len(keys) == 3 * len(BLOCK_KEYS) + len(FIT_KEYS)
+    for key in keys:
+        assert theirs[key].iloc[0] == pytest.approx(mine[key].iloc[0], rel=1e-12), key
+        assert list(their_history[key]) == pytest.approx(list(my_history[key]), rel=1e-12)
+    assert main([str(tmp_path / "multirun"), "--out", str(tmp_path / "report")]) == 0
+    csv = pd.read_csv(tmp_path / "report" / "runs.csv")
+    assert csv[keys].iloc[0].tolist() == pytest.approx(mine[keys].iloc[0].tolist(), rel=1e-12)
