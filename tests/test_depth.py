@@ -12,11 +12,17 @@ import torch
 
 from ncsweep.build import build_run
 from ncsweep.config import validate
+from ncsweep.data import DataBundle, Split
+from ncsweep.heads import LearnedHead
+from ncsweep.losses import CrossEntropy
+from ncsweep.models import Network, ResNet
+from ncsweep.nc.blocks import select_blocks
 from ncsweep.nc.layers import BLOCK_KEYS, FIT_KEYS, layer_key
 from ncsweep.report import load
 from ncsweep.report.__main__ import main
 from ncsweep.report.wandb_log import wandb_offline_files
 from ncsweep.tracking import RunFolder
+from ncsweep.training import evaluate
 from tests.support import FAST, compose_cfg, run_cli
 
 RTOL = 1e-9
@@ -137,3 +143,43 @@ def test_block_rows_reach_wandb_and_runs_csv_as_in_the_run_folder(tmp_path: Path
     assert main([str(tmp_path / "multirun"), "--out", str(tmp_path / "report")]) == 0
     csv = pd.read_csv(tmp_path / "report" / "runs.csv")
     assert csv[keys].iloc[0].tolist() == pytest.approx(mine[keys].iloc[0].tolist(), rel=1e-12)
+
+
+@torch.no_grad()
+def test_evaluate_on_a_small_resnet_equals_pooled_float64_features_and_a_second_pass() -> None:
+    torch.manual_seed(0)
+    k, shape = 4, (3, 16, 16)
+    model = Network(ResNet(shape, 32, "resnet18", stem="cifar"), LearnedHead(k, 32)).eval()
+
+    def split(n: int, seed: int) -> Split:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % k
+        return Split(y[:, None, None, None] * 0.5 + torch.randn(n, *shape, generator=g), y)
+
+    data = DataBundle("blobs", k, shape, split(40, 1), split(24, 2))
+    blocks = select_blocks(model, "all")
+    kept = evaluate(model, CrossEntropy(), data, 16, 2**30, blocks)
+    second = evaluate(model, CrossEntropy(), data, 16, 1024, blocks)
+    plain = evaluate(model, CrossEntropy(), data, 16, 2**30)
+    own = {"stem": model.backbone.maxpool, "stage1": model.backbone.layer1,
+           "stage2": model.backbone.layer2, "stage3": model.backbone.layer3,
+           "stage4": model.backbone.layer4}
+    assert [b.name for b in blocks] == list(own)
+
+    def pooled(x: torch.Tensor) -> dict[str, np.ndarray]:
+        raw: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_hook(lambda _m, _i, out, name=name: raw.__setitem__(
+            name, out.detach().clone())) for name, m in own.items()]
+        model(x)
+        for handle in handles:
+            handle.remove()
+        return {n: t.numpy().astype(np.float64).mean(axis=(2, 3)) for n, t in raw.items()}
+
+    h, h_test = pooled(data.train.inputs), pooled(data.test.inputs)
+    for name in own:
+        want = reference(h[name], data.train.labels.numpy(), h_test[name],
+                         data.test.labels.numpy(), k)
+        for key in BLOCK_KEYS:
+            assert kept[layer_key(name, key)] == pytest.approx(want[key], rel=RTOL), (name, key)
+    assert second == pytest.approx(kept, rel=1e-12)
+    assert {k: v for k, v in kept.items() if not k.startswith("layers")} == plain
