@@ -31,7 +31,7 @@ from tests.support import (
 
 MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "seed=0",
        "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",
-       "trainer.eval_every=2", "trainer.checkpoint_every=1", "name=ddp"]
+       "trainer.eval_every=2", "trainer.checkpoint_every=1", "name=ddp", "nc.layers=all"]
 UFM = ["logger=none", "trainer.progress=false", "seed=0", "experiment=ufm",
        "dataset.num_classes=4", "dataset.n_per_class=5", "trainer.epochs=3",
        "trainer.eval_every=3", "optim.max_iter=4", "name=ddp"]
@@ -85,6 +85,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunFolder]:
 def test_two_local_ranks_equal_one_process(model: str, runs: dict[str, RunFolder]) -> None:
     reference, ranks = runs[f"{model}/1"], runs[f"{model}/2"]
     assert_same_run(reference, ranks, rtol=1e-6)
+    blocks = {k for k in ranks.read_metrics()[-1] if k.startswith("layers")}
+    assert len(blocks) == (0 if model == "ufm" else 3 * 5 + 2), sorted(blocks)
     summary = ranks.read_summary()
     assert summary["world_size"] == 2 and reference.read_summary()["world_size"] == 1
     assert summary["sync_batchnorm"] is False

@@ -14,6 +14,7 @@ from ncsweep.config import ConfigError, validate
 from ncsweep.data import batches
 from ncsweep.ensemble import Stacked, build_members, check_supported, member_losses
 from ncsweep.nc import KEYS
+from ncsweep.nc.layers import BLOCK_KEYS, FIT_KEYS
 from ncsweep.stopping import SIGNAL_AT_STEP
 from ncsweep.tracking import RunFolder
 from tests.support import compose_cfg, run_cli, run_cli_beside
@@ -23,7 +24,8 @@ SEEDS = "0,1,2,3"
 # a gradient that is truly zero (a bias that BN follows) into lr-sized steps; Adam is checked
 # to float64 precision below.
 TEN_STEPS = ["logger=none", "trainer.progress=false", "arch.width=32", "trainer.epochs=1",
-             "trainer.batch_size=144", "trainer.eval_every=1", "optim=sgd", "name=ens"]
+             "trainer.batch_size=144", "trainer.eval_every=1", "optim=sgd", "name=ens",
+             "nc.layers=all"]
 COMPARED = ("train_loss", "train_acc", "test_loss", "test_acc", *KEYS)
 
 
@@ -95,6 +97,17 @@ def test_members_end_where_their_solo_runs_end_in_the_same_layout(solo_and_ensem
         assert layout(folder) == layout(reference)
         assert folder.path.name == reference.path.name  # trainer.ensemble is not in the run key
         assert folder.read_config()["trainer"]["ensemble"] is True
+
+
+def test_each_members_block_metrics_are_its_solo_runs(solo_and_ensemble) -> None:
+    solo, ens, _ = solo_and_ensemble
+    for seed, folder in folders(ens).items():
+        reference = folders(solo)[seed]
+        for mine, theirs in zip(folder.read_metrics(), reference.read_metrics(), strict=True):
+            keys = [k for k in theirs if k.startswith("layers")]
+            assert len(keys) == 3 * len(BLOCK_KEYS) + len(FIT_KEYS), sorted(theirs)
+            for key in keys:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-3), (seed, key)
 
 
 def test_the_same_sweep_without_ensemble_skips_the_members(solo_and_ensemble) -> None:

@@ -47,7 +47,7 @@ def build_run(plain: Mapping, read_data: bool = True) -> Run:
     """Build from the resolved config (``validate``'s), in a fixed order after seeding, so that
     a seed fixes every initial weight; nothing is read from Hydra's runtime."""
     settings = {k: v for k, v in plain["trainer"].items() if k not in JOB_FLAGS}
-    trainer: Trainer = instantiate(settings)
+    trainer: Trainer = instantiate(settings, layers=plain.get("nc", {}).get("layers"))
     trainer.seed_everything(plain["seed"])
     data = instantiate(plain["dataset"]).to(trainer.device) if read_data else None
     num_classes = plain["dataset"]["num_classes"]
@@ -57,6 +57,7 @@ def build_run(plain: Mapping, read_data: bool = True) -> Run:
     head = instantiate(plain["head"], num_classes=num_classes, feature_dim=dim)
     dtype = getattr(backbone, "dtype", torch.float32)
     model = Network(backbone, head).to(device=trainer.device, dtype=dtype)
+    trainer.blocks(model)  # a name in nc.layers that is not a block is refused before training
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(plain["optim"])(params)
     scheduler = instantiate(plain["schedule"])(optimizer, epochs=plain["trainer"]["epochs"])

@@ -354,3 +354,22 @@ def event_rate_bound(events: int, n: int, confidence: float = 0.95) -> float:
     if events == n:
         return 1.0
     return float(stats.beta.ppf(confidence, events + 1, n - events))
+
+
+def mean_interval(values: Sequence[float | None],
+                  alpha: float = 0.05) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of one side's finite values: the two-sided 1 - 2 alpha t interval
+    of their mean (NaN bounds with fewer than 2 values; the point itself without spread)."""
+    _check_alpha(alpha)
+    array, _ = _valid(values, None, "values")
+    n = int(array.size)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(array.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, n
+    se = float(array.std(ddof=1)) / math.sqrt(n)
+    if se <= _ZERO_SE * max(1.0, float(np.abs(array).max())):
+        return mean, mean, mean, n
+    low, high = _interval(mean, se, n - 1.0, alpha)
+    return mean, float(low), float(high), n

@@ -24,6 +24,7 @@ from ncsweep.report.claims import (
     shown_counts,
 )
 from ncsweep.report.conditions import NONE
+from ncsweep.report.depth import depth_figure, depth_runs, depth_section
 from ncsweep.report.document import Document
 from ncsweep.report.figures import curves_figure, resources_figure, save_png, ufm_figure
 from ncsweep.report.forest import forest_figure
@@ -80,6 +81,9 @@ def make_figures(runs: pd.DataFrame, history: pd.DataFrame, table: pd.DataFrame,
         if not history.empty:
             made[f"curves-{name}.png"] = curves_figure(runs, history, group, group_by)
         made[f"resources-{name}.png"] = resources_figure(table, group)
+        frame, blocks = depth_runs(runs, group, group_by)
+        if blocks and not frame.empty:
+            made[f"depth-{name}.png"] = depth_figure(frame, blocks, group)
     ufm = ufm_figure(runs)
     if ufm is not None:
         made["ufm.png"] = ufm
@@ -169,6 +173,9 @@ def _claims_section(doc: Document, runs: pd.DataFrame, table: pd.DataFrame,
             name = f"{prefix}-{slug(group)}.png"
             if name in figure_names:
                 doc.image(name, f"{title}: {alt}")
+        frame, blocks = depth_runs(runs, group, group_by)
+        figure = f"depth-{slug(group)}.png"
+        depth_section(doc, frame, blocks, figure if figure in figure_names else None, title)
 
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "report.md"

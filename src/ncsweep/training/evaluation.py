@@ -11,6 +11,8 @@ from torch import nn
 from ncsweep import distributed
 from ncsweep.data import DataBundle, Split, batches
 from ncsweep.nc import HeldOutNC4, NCAccumulator
+from ncsweep.nc.blocks import Block
+from ncsweep.nc.depth import DepthProbe
 
 Row = dict[str, float]
 F64 = torch.float64
@@ -20,8 +22,12 @@ Measure = Callable[[nn.Module, nn.Module, DataBundle, int, int, float], Row]
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_size: int,
-             max_feature_bytes: int) -> Row:
+             max_feature_bytes: int, blocks: Sequence[Block] = ()) -> Row:
     """Train/test loss and accuracy, the NC metrics of the train features, and ``nc4_test``.
+
+    With ``blocks`` (``ncsweep.nc.blocks.select_blocks``): every block's ``layers/<block>/...``
+    keys and the data-separation fit (``ncsweep.nc.layers``), from forward hooks on the same
+    passes; the blocks' kept train features have a budget of their own, ``max_feature_bytes``.
 
     Under label noise or random labels (``Split.clean_labels`` set), from the same passes:
     every NC key against the clean labels (suffix ``_clean``, ``nc4_test_clean`` included),
@@ -38,26 +44,39 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_
     was_training = model.training
     model.eval()
     distributed.broadcast_buffers(model)
+    with DepthProbe(blocks, data.num_classes, max_feature_bytes) as depth:
+        row = _passes(model, loss_fn, data, eval_batch_size, max_feature_bytes, depth)
+    model.train(was_training)
+    return row
+
+
+def _passes(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_size: int,
+            max_feature_bytes: int, depth: DepthProbe) -> Row:
+    """The eval passes of :func:`evaluate`, the block outputs going to ``depth``."""
     train = _shard(data.train)
     budget = max_feature_bytes // 2 if train.clean_labels is not None else max_feature_bytes
     accumulator = NCAccumulator(data.num_classes, max_feature_bytes=budget)
     clean = NCAccumulator(data.num_classes, max_feature_bytes=budget) \
         if train.clean_labels is not None else None
     row = _split_metrics(model, loss_fn, train, eval_batch_size, "train", accumulator,
-                         clean=clean)
+                         clean=clean, on_batch=depth.train)
     for acc in (accumulator, clean):
         if acc is not None:
             acc.all_reduce()
+    depth.reduce()
     weight, bias = model.head.weight, model.head.bias
     pending = [(acc, labels) for acc, labels in ((accumulator, train.labels),
                                                  (clean, train.clean_labels))
                if acc is not None and acc.needs_second_pass]
-    if pending:
+    second = depth.needs_second_pass
+    if pending or second:
         start = 0
         for x, y in batches(train, eval_batch_size):
             features = model.backbone(x)
             for acc, labels in pending:
                 acc.update_predictions(features, labels[start:start + y.numel()], weight, bias)
+            if second:
+                depth.second(y)
             start += y.numel()
     row.update(accumulator.compute(weight, bias))
     if clean is not None:
@@ -67,13 +86,13 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_
         heldout = [HeldOutNC4(acc, weight, bias) for acc in (accumulator, clean)
                    if acc is not None]
         row.update(_split_metrics(model, loss_fn, _shard(data.test), eval_batch_size, "test",
-                                  heldout=heldout, minority=minority))
+                                  heldout=heldout, minority=minority, on_batch=depth.test))
         row["nc4_test"] = heldout[0].compute()
         if clean is not None:
             row["nc4_test_clean"] = heldout[1].compute()
     if minority is not None and len(minority) >= 2:
         row["minority_collapse"] = minority_collapse(weight, minority)
-    model.train(was_training)
+    row.update(depth.compute())
     return row
 
 
@@ -94,8 +113,10 @@ def minority_collapse(weight: torch.Tensor, minority: Sequence[int]) -> float:
 def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batch_size: int,
                    prefix: str, accumulator: NCAccumulator | None = None,
                    heldout: Sequence[HeldOutNC4] = (), clean: NCAccumulator | None = None,
-                   minority: Sequence[int] | None = None) -> Row:
-    """Loss and accuracy of one split; the clean-label and per-class tallies where asked.
+                   minority: Sequence[int] | None = None,
+                   on_batch: Callable[[torch.Tensor], None] = lambda labels: None) -> Row:
+    """Loss and accuracy of one split; the clean-label and per-class tallies where asked;
+    ``on_batch(labels)`` after each batch's forward pass.
 
     On several ranks each passes its shard and the tallies are summed over the ranks.
     """
@@ -109,6 +130,7 @@ def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batc
     start = 0
     for x, y in batches(split, eval_batch_size):
         features, logits = model.features_and_logits(x)
+        on_batch(y)
         predicted = logits.argmax(dim=1)
         if accumulator is not None:
             accumulator.update(features, y)

@@ -24,6 +24,7 @@ from ncsweep.console import Progress
 from ncsweep.data import DataBundle
 from ncsweep.errors import ConfigError
 from ncsweep.memory import PeakMemory, TrainMemory, read_peak, reset_peak, training_step_memory
+from ncsweep.nc.blocks import Block, select_blocks
 from ncsweep.training.evaluation import Row, evaluate
 from ncsweep.training.single import ModelStepper
 from ncsweep.training.starts import StartsStepper
@@ -117,14 +118,15 @@ class FitResult:
 
 class Trainer:
     """Trains a ``Network`` on a ``DataBundle``; keys mirror ``conf/trainer`` less the job's
-    own flags (``dry_run``, ``resume``, ``ensemble``), which the job reads."""
+    own flags (``dry_run``, ``resume``, ``ensemble``), which the job reads, plus ``layers``
+    (``nc.layers``: the blocks measured at every eval point, ``ncsweep.nc.blocks``)."""
 
     def __init__(self, epochs: int = 100, batch_size: int | None = 128,
                  eval_batch_size: int = 4096, device: str = "auto", eval_every: int = 10,
                  checkpoint_every: int | None = None, deterministic: bool = False,
                  progress: bool = True, on_nonfinite: str = "fail",
                  max_feature_bytes: int = 512 * 2**20, cpu_threads: int | None = None,
-                 sync_batchnorm: bool = False) -> None:
+                 sync_batchnorm: bool = False, layers: Any = None) -> None:
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
         self.device = distributed.rank_device(resolve_device(device))
         self.sync_batchnorm = _check_sync_batchnorm(sync_batchnorm, self.device)
@@ -133,6 +135,7 @@ class Trainer:
         self.deterministic = deterministic
         self.progress, self.on_nonfinite = progress, on_nonfinite
         self.max_feature_bytes = max_feature_bytes
+        self.layers = layers
         self._live = Progress(progress)
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -160,9 +163,14 @@ class Trainer:
                 step: int, lr: float) -> Row:
         """One eval row: position, LR, the split and NC metrics, the backbone's own metrics."""
         row: Row = {"epoch": epoch, "step": step, "lr": lr}
-        row.update(evaluate(model, loss_fn, data, self.eval_batch_size, self.max_feature_bytes))
+        row.update(evaluate(model, loss_fn, data, self.eval_batch_size, self.max_feature_bytes,
+                            self.blocks(model)))
         row.update(model.backbone.eval_metrics(model.head, loss_fn))
         return row
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        """The blocks ``layers`` names in this model; a name that is not one is a ConfigError."""
+        return select_blocks(model, self.layers)
 
     def stepper(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any, data: DataBundle, seed: int) -> Stepper:
