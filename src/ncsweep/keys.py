@@ -20,10 +20,11 @@ IDENTITY_GROUPS = ("dataset", "arch", "head", "loss", "optim", "schedule", "laun
 """The group choices a run records in run.json: with its overrides, they say what it is."""
 
 NOT_EXPERIMENT = ("name", "launcher", "logger", "trainer.resume", "trainer.progress",
-                  "trainer.device", "trainer.ensemble", "report.at_end")
+                  "trainer.device", "trainer.ensemble", "report.at_end", "lease.heartbeat_s",
+                  "lease.stale_after_s")
 """Keys that change where and how a job runs, never what it trains: left out of run keys."""
 
-NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.", "launcher.")
+NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.", "launcher.", "lease.")
 """Key prefixes of the nodes behind those choices: they never change the experiment either."""
 
 NOT_EXPERIMENT_COLUMNS = tuple(key.rpartition(".")[2] for key in NOT_EXPERIMENT)
