@@ -201,7 +201,7 @@ class SweepReport(Callback):
         for path, detail in outcomes.get(RUNNING_ELSEWHERE, {}).items():
             log.info("  running elsewhere: %s", detail or path)
         for path, detail in outcomes.get(DISK_FULL, {}).items():
-            log.info("  disk full: %s", detail or path)
+            log.info("  stopped: %s", detail or f"{path}: disk full")
 
     @staticmethod
     def answer(sweep_dir: Path) -> None:
