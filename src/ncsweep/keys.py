@@ -24,7 +24,7 @@ NOT_EXPERIMENT = ("name", "launcher", "logger", "trainer.resume", "trainer.progr
                   "lease.stale_after_s")
 """Keys that change where and how a job runs, never what it trains: left out of run keys."""
 
-NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.", "launcher.", "lease.")
+NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.", "launcher.")
 """Key prefixes of the nodes behind those choices: they never change the experiment either."""
 
 NOT_EXPERIMENT_COLUMNS = tuple(key.rpartition(".")[2] for key in NOT_EXPERIMENT)
