@@ -86,3 +86,21 @@ def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes_it(
         assert folder.status == "done"
         assert rows(folder) == rows(uninterrupted[name]), name
     assert resumed[cut.path.name].read_summary()["attempts"] == 2
+
+
+def test_a_sweep_on_a_disk_already_full_stops_before_its_first_file(small_disk: Path) -> None:
+    """Hydra's first write of a sweep (multirun.yaml) on a full disk: one line, no traceback."""
+    filler = small_disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError:
+            pass
+    result = run_cli(SWEEP, small_disk)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "not started: disk full: could not write the sweep's multirun.yaml" in lines[0]
+    assert lines[0].endswith(HINT) and "0 B free there" in lines[0]
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]

@@ -16,7 +16,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ncsweep import distributed
-from ncsweep.diskspace import DiskFull, full_errno
+from ncsweep.console import setup_logging
+from ncsweep.diskspace import DiskFull, atomic_write_text, full_errno
 from ncsweep.lifecycle import (
     Attempt,
     JobContext,
@@ -152,7 +153,19 @@ class SweepReport(Callback):
     UNFINISHED = ("failed", "interrupted", RUNNING_ELSEWHERE, DISK_FULL, NOT_STARTED)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep's start; a disk too full for the sweep's first file is one line, now."""
         self.started = time.time()
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(config),
+                              "the sweep's multirun.yaml")
+        except DiskFull as err:
+            setup_logging()
+            log.error("sweep %s not started: %s: %s", sweep_dir, err, RERUN_HINT)
+            raise SystemExit(1) from None
+        except OSError:
+            return  # an unwritable sweep folder is reported where it is first written
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()

@@ -24,7 +24,7 @@ from ncsweep import distributed
 from ncsweep.capabilities import capability
 from ncsweep.config import ConfigError, run_key, validate
 from ncsweep.console import setup_logging
-from ncsweep.diskspace import DiskFull, full_errno
+from ncsweep.diskspace import DiskFull
 from ncsweep.keys import IDENTITY_GROUPS
 from ncsweep.lease import Lease, RunHeld
 from ncsweep.runguard import (
@@ -32,6 +32,8 @@ from ncsweep.runguard import (
     NOT_STARTED,
     RERUN_HINT,
     RUNNING_ELSEWHERE,
+    LeaseLost,
+    as_disk_full,
     full_disk_at,
     hold,
     note,
@@ -87,6 +89,8 @@ def fail(context: JobContext, err: BaseException, line: str, before_work: bool =
 
     A full disk is not the run's failure: it is stopped by the disk (stopped_by_full_disk).
     """
+    if isinstance(err, LeaseLost):
+        return running_elsewhere(context, err)
     full = as_disk_full(err, context.folder.path)
     if full is not None:
         return stopped_by_full_disk(context, full)
@@ -99,21 +103,6 @@ def fail(context: JobContext, err: BaseException, line: str, before_work: bool =
     if not context.multirun:
         raise SystemExit(1)
     return {"status": "failed", "dir": str(context.folder.path), "error": str(err)}
-
-
-def as_disk_full(err: BaseException, where: Path) -> DiskFull | None:
-    """The error as a DiskFull when a full disk or quota caused it (a write not guarded by
-    ncsweep.diskspace included), else None."""
-    if isinstance(err, DiskFull):
-        return err
-    code = full_errno(err)
-    if code is None:
-        return None
-    cause = err
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno == code):
-        cause = cause.__cause__ or cause.__context__
-    filename = getattr(cause, "filename", None)
-    return DiskFull("a file of the run", Path(filename) if filename else where, code)
 
 
 def stopped_by_full_disk(context: JobContext, err: DiskFull) -> dict:
@@ -130,7 +119,7 @@ def stopped_by_full_disk(context: JobContext, err: DiskFull) -> dict:
     return {"status": DISK_FULL, "dir": str(context.folder.path), "error": str(err)}
 
 
-def running_elsewhere(context: JobContext, err: RunHeld) -> dict:
+def running_elsewhere(context: JobContext, err: RunHeld | LeaseLost) -> dict:
     """Another live process holds the run: one line, nothing written, never a failure."""
     note(context.folder.path, RUNNING_ELSEWHERE, str(err))
     line = f"{context.key} not started: {err}"
@@ -308,19 +297,28 @@ class Attempt:
         mirror.start(self.folder.path, self.context.wandb_id, self.context.key,
                      self.context.name, self.plain, quiet=not self.trainer["progress"])
 
+    def check_lease(self) -> None:
+        """LeaseLost when another process has taken the folder's lease over meanwhile."""
+        if self.lease is not None and self.lease.lost:
+            raise LeaseLost(f"run folder {self.folder.path} was taken over by another launch "
+                            "while this one trained (its heartbeat stalled)")
+
     def save(self, checkpoint: dict) -> None:
         """A checkpoint with this attempt's count and the wall time over every attempt."""
+        self.check_lease()
         self.folder.save_checkpoint({**checkpoint, "attempts": self.attempts,
                                      "wall_time_s": self.earlier_wall + time.perf_counter()
                                      - self.started}, self.context.key)
 
     def log_row(self, row: dict) -> None:
         """An eval row into metrics.jsonl and the mirror."""
+        self.check_lease()
         self.folder.append_metrics(row)
         self.mirror.log(row, step=int(row["epoch"]))
 
     def finish(self, result: Any) -> dict:
         """The summary, the run's own files and DONE; the finished summary."""
+        self.check_lease()
         finish_run(self.folder, self.run, self.summary, result, self.state, self.started,
                    self.earlier_wall, self.attempts)
         summary = self.summary

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ncsweep import distributed
-from ncsweep.diskspace import DiskFull, atomic_write_text
+from ncsweep.diskspace import DiskFull, atomic_write_text, full_errno
 from ncsweep.lease import HEARTBEAT_S, STALE_AFTER_S, Lease, RunHeld
 from ncsweep.tracking import RunFolder
 
@@ -77,6 +77,26 @@ def full_disk_at(path: Path | str) -> DiskFull | None:
     """The full disk that stopped this sweep where `path` would be written, or None."""
     device = _device(Path(path))
     return None if device is None else _FULL.get(device)
+
+
+class LeaseLost(RuntimeError):
+    """The run's lease was taken over while it trained (it stalled past the stale timeout):
+    it stops writing, since the folder is another process's now."""
+
+
+def as_disk_full(err: BaseException, where: Path) -> DiskFull | None:
+    """The error as a DiskFull when a full disk or quota caused it (a write not guarded by
+    ncsweep.diskspace included), else None."""
+    if isinstance(err, DiskFull):
+        return err
+    code = full_errno(err)
+    if code is None:
+        return None
+    cause = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno == code):
+        cause = cause.__cause__ or cause.__context__
+    filename = getattr(cause, "filename", None)
+    return DiskFull("a file of the run", Path(filename) if filename else where, code)
 
 
 def lease_timing(cfg: Any) -> tuple[float, float]:
