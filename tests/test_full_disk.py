@@ -91,7 +91,7 @@ def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes_it(
 def test_a_sweep_on_a_disk_already_full_stops_before_its_first_file(small_disk: Path) -> None:
     """Hydra's first write of a sweep (multirun.yaml) on a full disk: one line, no traceback."""
     filler = small_disk / "filler"
-    with open(filler, "wb") as handle:
+    with open(filler, "wb", buffering=0) as handle:
         try:
             while True:
                 handle.write(b"\0" * 65536)
