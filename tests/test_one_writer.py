@@ -10,11 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ncsweep.config import run_key
 from ncsweep.lease import LEASE_FILE, Lease
+from ncsweep.lifecycle import Attempt, admit, error_line, fail
+from ncsweep.runguard import LeaseLost
 from ncsweep.stopping import SIGNAL_AT_STEP
 from ncsweep.tracking import RunFolder
-from tests.support import FAST, exits_within, run_cli
+from tests.support import FAST, compose_cfg, exits_within, run_cli, wait_until
 
 RUN = [*FAST, "trainer.deterministic=true", "arch.width=32", "trainer.batch_size=64",
        "trainer.eval_every=10", "name=writer"]
@@ -89,3 +93,23 @@ def test_a_run_held_elsewhere_counts_as_running_elsewhere_in_a_sweep(tmp_path: P
     again = run_cli(sweep, tmp_path)
     assert again.returncode == 0, again.stderr
     assert "1 done, 1 skipped" in again.stdout and held.status == "done"
+
+
+def test_a_run_whose_lease_is_taken_over_stops_writing(tmp_path: Path) -> None:
+    """Another launch replaced the lease (this one stalled past the stale timeout): the next
+    write is refused as running elsewhere, with no FAILED marker in the other's folder."""
+    folder = RunFolder(tmp_path / "run")
+    cfg = compose_cfg([*FAST, "trainer.epochs=1", "lease.heartbeat_s=0.05",
+                       "lease.stale_after_s=1"], folder.path)
+    attempt = admit(cfg)
+    assert isinstance(attempt, Attempt) and (folder.path / ".hydra" / "config.yaml").exists()
+    other = json.loads(folder.file(LEASE_FILE).read_text()) | {"pid": 1, "token": "other"}
+    folder.file(LEASE_FILE).write_text(json.dumps(other))
+    wait_until(lambda: attempt.lease.lost, 10, "the heartbeat did not notice the takeover")
+    with pytest.raises(LeaseLost) as lost:
+        attempt.save({"epoch": 0})
+    with pytest.raises(SystemExit):
+        fail(attempt.context, lost.value, error_line(attempt.context.key, lost.value))
+    attempt.release()
+    assert json.loads(folder.file(LEASE_FILE).read_text())["token"] == "other"
+    assert not folder.file("FAILED").exists() and not folder.file("checkpoint.pt").exists()
