@@ -16,6 +16,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ncsweep import distributed
+from ncsweep.console import setup_logging
+from ncsweep.diskspace import DiskFull, atomic_write_text, full_errno
 from ncsweep.lifecycle import (
     Attempt,
     JobContext,
@@ -24,7 +26,9 @@ from ncsweep.lifecycle import (
     fail,
     memory_fields,
     root_cause,
+    stopped_by_full_disk,
 )
+from ncsweep.runguard import DISK_FULL, NOT_STARTED, RERUN_HINT, RUNNING_ELSEWHERE, noted
 from ncsweep.stopping import StopFlag
 from ncsweep.tracking import CheckpointError, NoMirror, RunFolder
 
@@ -39,7 +43,17 @@ def run_job(cfg: DictConfig) -> dict:
 
 
 def run_admitted(attempt: Attempt) -> dict:
-    """Train an admitted run alone; its status dict."""
+    """Train an admitted run alone; its status dict. The run's lease is let go at the end."""
+    try:
+        return _run_held(attempt)
+    except DiskFull as err:
+        return stopped_by_full_disk(attempt.context, err)
+    finally:
+        attempt.release()
+
+
+def _run_held(attempt: Attempt) -> dict:
+    """run_admitted's steps, under the lease."""
     context, folder = attempt.context, attempt.folder
     folder.write_run(attempt.identity)
     stop = StopFlag()
@@ -48,6 +62,7 @@ def run_admitted(attempt: Attempt) -> dict:
         summary = execute(attempt, stop)
     except StopRequestedExit:
         folder.record_attempt("interrupted")
+        attempt.release()
         stop.hand_over()
     except Exception as err:
         err = root_cause(err)
@@ -130,12 +145,27 @@ def execute(attempt: Attempt, stop: StopFlag) -> dict:
 
 
 class SweepReport(Callback):
-    """At the end of a sweep: how many jobs finished, were skipped, failed or were interrupted."""
+    """At the end of a sweep: how many jobs finished, were skipped, failed, were interrupted,
+    ran elsewhere or were stopped by a full disk."""
 
-    ORDER = ("done", "skipped", "failed", "interrupted")
+    ORDER = ("done", "skipped", "failed", "interrupted", RUNNING_ELSEWHERE, DISK_FULL,
+             NOT_STARTED)
+    UNFINISHED = ("failed", "interrupted", RUNNING_ELSEWHERE, DISK_FULL, NOT_STARTED)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep's start; a disk too full for the sweep's first file is one line, now."""
         self.started = time.time()
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(config),
+                              "the sweep's multirun.yaml")
+        except DiskFull as err:
+            setup_logging()
+            log.error("sweep %s not started: %s: %s", sweep_dir, err, RERUN_HINT)
+            raise SystemExit(1) from None
+        except OSError:
+            return  # an unwritable sweep folder is reported where it is first written
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
@@ -143,26 +173,60 @@ class SweepReport(Callback):
             log.info("sweep %s: submitted, detached; `python -m ncsweep.status %s` shows it",
                      sweep_dir, sweep_dir)
             return
-        outcomes: dict[str, list[str]] = {}
-        for attempt in sorted(sweep_dir.glob(f"*/{RunFolder.ATTEMPT_FILE}")):
-            folder = RunFolder(attempt.parent)
-            last = folder.last_attempt()
-            if last and last["time"] >= getattr(self, "started", 0.0):
-                outcomes.setdefault(last["outcome"], []).append(str(folder.path))
+        outcomes = self.outcomes(sweep_dir)
         names = [k for k in self.ORDER if k in outcomes] + sorted(set(outcomes) - set(self.ORDER))
         counts = ", ".join(f"{len(outcomes[k])} {k}" for k in names) or "no jobs"
-        log.info("sweep %s: %s", sweep_dir, counts)
-        for path in outcomes.get("failed", []):
+        full = DISK_FULL in outcomes or NOT_STARTED in outcomes
+        log.info("sweep %s: %s%s", sweep_dir, counts, f": {RERUN_HINT}" if full else "")
+        self.details(outcomes)
+        if OmegaConf.select(config, "report.at_end", default=True) and not full:
+            self.answer(sweep_dir)
+        if any(outcomes.get(k) for k in self.UNFINISHED):
+            raise SystemExit(1)
+
+    def outcomes(self, sweep_dir: Path) -> dict[str, dict[str, str]]:
+        """Each outcome's run folders (with a detail line) since the sweep started: the attempt
+        records, then what this process noted where no file could hold it."""
+        since = getattr(self, "started", 0.0)
+        last: dict[str, tuple[str, str]] = {}
+        for attempt in sorted(sweep_dir.glob(f"*/{RunFolder.ATTEMPT_FILE}")):
+            record = RunFolder(attempt.parent).last_attempt()
+            if record and record["time"] >= since:
+                last[str(attempt.parent.resolve())] = (record["outcome"], "")
+        for entry in noted(since):
+            if Path(entry.folder).parent == sweep_dir:
+                last[entry.folder] = (entry.outcome, entry.detail)
+        outcomes: dict[str, dict[str, str]] = {}
+        for folder, (outcome, detail) in sorted(last.items()):
+            outcomes.setdefault(outcome, {})[folder] = detail
+        return outcomes
+
+    @staticmethod
+    def details(outcomes: dict[str, dict[str, str]]) -> None:
+        """One line per run that did not finish, saying why and what to do."""
+        for path in outcomes.get("failed", {}):
             log.info("  failed: %s: %s", path, RunFolder(path).failure())
-        for path in outcomes.get("interrupted", []):
+        for path in outcomes.get("interrupted", {}):
             hint = ("checkpoint saved: re-run the same command to resume"
                     if RunFolder(path).file("checkpoint.pt").exists()
                     else "no checkpoint: re-run the same command to start it again")
             log.info("  interrupted: %s: %s", path, hint)
-        if OmegaConf.select(config, "report.at_end", default=True):
-            from ncsweep.report import sweep_answer
+        for path, detail in outcomes.get(RUNNING_ELSEWHERE, {}).items():
+            log.info("  running elsewhere: %s", detail or path)
+        for path, detail in outcomes.get(DISK_FULL, {}).items():
+            log.info("  stopped: %s", detail or f"{path}: disk full")
 
-            for line in sweep_answer(sweep_dir):
-                log.info("%s", line)
-        if outcomes.get("failed") or outcomes.get("interrupted"):
-            raise SystemExit(1)
+    @staticmethod
+    def answer(sweep_dir: Path) -> None:
+        """The report's verdict lines; a full disk while writing the report is one line."""
+        from ncsweep.report import sweep_answer
+
+        try:
+            lines = sweep_answer(sweep_dir)
+        except OSError as err:
+            if full_errno(err) is None:
+                raise
+            log.error("the sweep's report was not written: %s", err)
+            return
+        for line in lines:
+            log.info("%s", line)

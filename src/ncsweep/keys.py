@@ -20,7 +20,8 @@ IDENTITY_GROUPS = ("dataset", "arch", "head", "loss", "optim", "schedule", "laun
 """The group choices a run records in run.json: with its overrides, they say what it is."""
 
 NOT_EXPERIMENT = ("name", "launcher", "logger", "trainer.resume", "trainer.progress",
-                  "trainer.device", "trainer.ensemble", "report.at_end")
+                  "trainer.device", "trainer.ensemble", "report.at_end", "lease.heartbeat_s",
+                  "lease.stale_after_s")
 """Keys that change where and how a job runs, never what it trains: left out of run keys."""
 
 NOT_EXPERIMENT_PREFIXES = ("hydra.", "logger.", "launcher.")

@@ -1,9 +1,11 @@
 """One attempt at a run, the same for a solo run and an ensemble member (a solo run is a
-group of one): admission, the folder set up or resumed, the attempts and wall time carried
-over from the checkpoint, the W&B mirror, the one error line, and the finish."""
+group of one): admission (the run folder's lease taken), the folder set up or resumed, the
+attempts and wall time carried over from the checkpoint, the W&B mirror, the one error line
+(a full disk's too), and the finish."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -22,7 +24,22 @@ from ncsweep import distributed
 from ncsweep.capabilities import capability
 from ncsweep.config import ConfigError, run_key, validate
 from ncsweep.console import setup_logging
+from ncsweep.diskspace import DiskFull
 from ncsweep.keys import IDENTITY_GROUPS
+from ncsweep.lease import Lease, RunHeld
+from ncsweep.runguard import (
+    DISK_FULL,
+    NOT_STARTED,
+    RERUN_HINT,
+    RUNNING_ELSEWHERE,
+    LeaseLost,
+    as_disk_full,
+    full_disk_at,
+    hold,
+    note,
+    stop_on,
+    write_hydra_files,
+)
 from ncsweep.tracking import CheckpointError, NoMirror, RunFolder, WandbMirror, write_atomic
 
 USER_ERRORS = (ConfigError, CheckpointError)
@@ -68,7 +85,15 @@ def error_line(key: str, err: BaseException, traceback_file: Path | None = None)
 
 def fail(context: JobContext, err: BaseException, line: str, before_work: bool = False,
          traceback: bool | None = None) -> dict:
-    """Mark the job failed; an error found before any work leaves a finished run's DONE alone."""
+    """Mark the job failed; an error found before any work leaves a finished run's DONE alone.
+
+    A full disk is not the run's failure: it is stopped by the disk (stopped_by_full_disk).
+    """
+    if isinstance(err, LeaseLost):
+        return running_elsewhere(context, err)
+    full = as_disk_full(err, context.folder.path)
+    if full is not None:
+        return stopped_by_full_disk(context, full)
     if not (before_work and context.folder.status == "done"):
         context.folder.prepare()
         context.folder.mark_failed(err, traceback=not isinstance(err, USER_ERRORS)
@@ -78,6 +103,31 @@ def fail(context: JobContext, err: BaseException, line: str, before_work: bool =
     if not context.multirun:
         raise SystemExit(1)
     return {"status": "failed", "dir": str(context.folder.path), "error": str(err)}
+
+
+def stopped_by_full_disk(context: JobContext, err: DiskFull) -> dict:
+    """A full disk: one line, no FAILED marker (the run is whole up to its last checkpoint and
+    resumes when re-run), the outcome recorded where it still fits, no later run started on
+    that disk by this process."""
+    stop_on(err)
+    note(context.folder.path, DISK_FULL, str(err))
+    with contextlib.suppress(DiskFull):
+        context.folder.record_attempt(DISK_FULL)
+    log.error("%s stopped: %s: %s", context.key, err, RERUN_HINT)
+    if not context.multirun:
+        raise SystemExit(1)
+    return {"status": DISK_FULL, "dir": str(context.folder.path), "error": str(err)}
+
+
+def running_elsewhere(context: JobContext, err: RunHeld | LeaseLost) -> dict:
+    """Another live process holds the run: one line, nothing written, never a failure."""
+    note(context.folder.path, RUNNING_ELSEWHERE, str(err))
+    line = f"{context.key} not started: {err}"
+    if not context.multirun:
+        log.error("%s", line)
+        raise SystemExit(1)
+    log.warning("%s", line)
+    return {"status": RUNNING_ELSEWHERE, "dir": str(context.folder.path), "error": str(err)}
 
 
 def code_version() -> dict:
@@ -130,10 +180,22 @@ def _check_ranks(plain: dict) -> None:
 
 
 def admit(cfg: DictConfig) -> Attempt | dict:
-    """Validate a job and skip a finished one: its attempt, or its status dict."""
+    """Validate a job, skip a finished one, take its lease: its attempt, or its status dict."""
     setup_logging()
     context = JobContext(cfg)
+    try:
+        return _admit(context, cfg)
+    except DiskFull as err:
+        return stopped_by_full_disk(context, err)
+
+
+def _admit(context: JobContext, cfg: DictConfig) -> Attempt | dict:
+    """admit's steps; a full disk on the way is admit's to report."""
     folder = context.folder
+    full = full_disk_at(folder.path)
+    if full is not None:
+        note(folder.path, NOT_STARTED, f"not started: {full}")
+        return {"status": NOT_STARTED, "dir": str(folder.path), "error": str(full)}
     identity = run_identity(cfg, context)
     try:
         plain = validate(cfg)
@@ -146,20 +208,45 @@ def admit(cfg: DictConfig) -> Attempt | dict:
         if folder.status != "done":
             folder.write_run(identity)
         return fail(context, err, error_line(context.key, err), before_work=True)
+    if _finished(folder, plain):
+        return _skip(context)
+    lease = hold(folder, cfg)
+    if isinstance(lease, RunHeld):
+        return running_elsewhere(context, lease)
+    attempt = Attempt(context, identity, plain, lease)
+    try:
+        if _finished(folder, plain):
+            skipped = _skip(context)
+            attempt.release()
+            return skipped
+        write_hydra_files(folder, cfg, HydraConfig.instance().cfg)
+    except BaseException:
+        attempt.release()
+        raise
+    return attempt
+
+
+def _finished(folder: RunFolder, plain: dict) -> bool:
+    """Whether the folder holds a finished run that this job leaves as it is."""
     trainer_cfg = plain["trainer"]
-    if (distributed.broadcast_object(folder.status) == "done"
-            and trainer_cfg["resume"] != "never" and not trainer_cfg["dry_run"]):
-        folder.record_attempt("skipped")
-        log.info("%s: already done, skipped (%s)", context.key, folder.path)
-        return {"status": "skipped", "dir": str(folder.path)}
-    return Attempt(context, identity, plain)
+    return (distributed.broadcast_object(folder.status) == "done"
+            and trainer_cfg["resume"] != "never" and not trainer_cfg["dry_run"])
+
+
+def _skip(context: JobContext) -> dict:
+    """A finished run: recorded as skipped."""
+    context.folder.record_attempt("skipped")
+    log.info("%s: already done, skipped (%s)", context.key, context.folder.path)
+    return {"status": "skipped", "dir": str(context.folder.path)}
 
 
 class Attempt:
     """One attempt at an admitted run: from its folder's setup to DONE or FAILED."""
 
-    def __init__(self, context: JobContext, identity: dict, plain: dict) -> None:
+    def __init__(self, context: JobContext, identity: dict, plain: dict,
+                 lease: Lease | None = None) -> None:
         self.context, self.identity, self.plain = context, identity, plain
+        self.lease = lease
         self.folder = context.folder
         self.trainer = plain["trainer"]
         self.started = time.perf_counter()
@@ -169,6 +256,12 @@ class Attempt:
         self.run: Any = None
         self.summary: dict = {}
         self.status: dict | None = None
+
+    def release(self) -> None:
+        """Let go of the run folder's lease (done, failed or interrupted); idempotent."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
 
     @property
     def resumes(self) -> bool:
@@ -204,19 +297,28 @@ class Attempt:
         mirror.start(self.folder.path, self.context.wandb_id, self.context.key,
                      self.context.name, self.plain, quiet=not self.trainer["progress"])
 
+    def check_lease(self) -> None:
+        """LeaseLost when another process has taken the folder's lease over meanwhile."""
+        if self.lease is not None and self.lease.lost:
+            raise LeaseLost(f"run folder {self.folder.path} was taken over by another launch "
+                            "while this one trained (its heartbeat stalled)")
+
     def save(self, checkpoint: dict) -> None:
         """A checkpoint with this attempt's count and the wall time over every attempt."""
+        self.check_lease()
         self.folder.save_checkpoint({**checkpoint, "attempts": self.attempts,
                                      "wall_time_s": self.earlier_wall + time.perf_counter()
                                      - self.started}, self.context.key)
 
     def log_row(self, row: dict) -> None:
         """An eval row into metrics.jsonl and the mirror."""
+        self.check_lease()
         self.folder.append_metrics(row)
         self.mirror.log(row, step=int(row["epoch"]))
 
     def finish(self, result: Any) -> dict:
         """The summary, the run's own files and DONE; the finished summary."""
+        self.check_lease()
         finish_run(self.folder, self.run, self.summary, result, self.state, self.started,
                    self.earlier_wall, self.attempts)
         summary = self.summary
@@ -264,7 +366,7 @@ def finish_run(folder: RunFolder, run: Any, summary: dict, result: Any, state: d
     summary.update(checks)
     for name, text in run.model.backbone.run_files().items():
         if folder.writer:
-            write_atomic(folder.file(name), text)
+            write_atomic(folder.file(name), text, f"the run file {name}")
 
 
 def _times(wall: float, earlier_wall: float, result: Any, attempts: int) -> dict:

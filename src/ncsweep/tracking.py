@@ -17,6 +17,8 @@ from pathlib import Path
 from traceback import format_exception
 from typing import Any
 
+from ncsweep.diskspace import append_text, atomic_torch_save, atomic_write_text
+
 RUN_FILE = "run.json"
 RUN_FORMAT = "ncsweep-run-1"
 CONFIG_FILE = "config.json"
@@ -44,14 +46,10 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Path, text: str, what: str | None = None) -> None:
+    """Write a file so that readers see the old content or the new, never half of it; a full
+    disk raises DiskFull naming ``what`` (the file's name by default) and leaves no temporary."""
+    atomic_write_text(path, text, what or path.name)
 
 
 def _writes(method: Callable) -> Callable:
@@ -110,24 +108,26 @@ class RunFolder:
         """The run's identity (``run.json``), written at job start so even a failed run has one."""
         self.path.mkdir(parents=True, exist_ok=True)
         record = {"format": RUN_FORMAT, **identity}
-        write_atomic(self.file(RUN_FILE), json.dumps(jsonable(record), indent=2))
+        write_atomic(self.file(RUN_FILE), json.dumps(jsonable(record), indent=2),
+                     "the run's identity")
 
     def read_run(self) -> dict:
         return json.loads(self.file(RUN_FILE).read_text())
 
     @_writes
     def write_config(self, config: Mapping) -> None:
-        write_atomic(self.file(CONFIG_FILE), json.dumps(jsonable(config), indent=2))
+        write_atomic(self.file(CONFIG_FILE), json.dumps(jsonable(config), indent=2),
+                     "the resolved config")
 
     def read_config(self) -> dict:
         return json.loads(self.file(CONFIG_FILE).read_text())
 
     @_writes
     def append_metrics(self, row: Mapping) -> None:
-        """Append one eval row and flush it, so a killed run keeps every row it logged."""
-        with open(self.file(METRICS_FILE), "a") as handle:
-            handle.write(json.dumps(jsonable(row)) + "\n")
-            handle.flush()
+        """Append one eval row and fsync it, so a killed run keeps every row it logged; a row
+        that does not fit on the disk is cut back whole (DiskFull)."""
+        append_text(self.file(METRICS_FILE), json.dumps(jsonable(row)) + "\n",
+                    "an eval row")
 
     def read_metrics(self) -> list[dict]:
         """Every complete row; a torn last line (a kill mid-write) is ignored."""
@@ -146,11 +146,13 @@ class RunFolder:
     def keep_metrics(self, rows: Iterable[Mapping]) -> None:
         """Replace the metrics file by ``rows`` (used on resume, so no row is written twice)."""
         write_atomic(self.file(METRICS_FILE),
-                     "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
+                     "".join(json.dumps(jsonable(r)) + "\n" for r in rows),
+                     "the metrics kept for resuming")
 
     @_writes
     def write_summary(self, summary: Mapping) -> None:
-        write_atomic(self.file(SUMMARY_FILE), json.dumps(jsonable(summary), indent=2))
+        write_atomic(self.file(SUMMARY_FILE), json.dumps(jsonable(summary), indent=2),
+                     "the summary")
 
     def read_summary(self) -> dict:
         return json.loads(self.file(SUMMARY_FILE).read_text())
@@ -159,7 +161,7 @@ class RunFolder:
     def mark_done(self) -> None:
         """Written last: a folder with DONE holds a complete, finished run."""
         self.file(FAILED).unlink(missing_ok=True)
-        write_atomic(self.file(DONE), "")
+        write_atomic(self.file(DONE), "", "the DONE marker")
 
     @_writes
     def mark_failed(self, error: BaseException, traceback: bool = True) -> None:
@@ -168,14 +170,15 @@ class RunFolder:
         reason = f"{type(error).__name__}: {error}\n"
         if traceback:
             reason += "\n" + "".join(format_exception(type(error), error, error.__traceback__))
-        write_atomic(self.file(FAILED), reason)
+        write_atomic(self.file(FAILED), reason, "the FAILED marker")
 
     @_writes
     def record_attempt(self, outcome: str) -> None:
-        """What the latest launch of this job did (done, skipped, failed, interrupted) and when."""
+        """What the latest launch of this job did (done, skipped, failed, interrupted, disk
+        full) and when."""
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.file(self.ATTEMPT_FILE),
-                     json.dumps({"outcome": outcome, "time": time.time()}))
+                     json.dumps({"outcome": outcome, "time": time.time()}), "the attempt record")
 
     def last_attempt(self) -> dict | None:
         path = self.file(self.ATTEMPT_FILE)
@@ -189,12 +192,10 @@ class RunFolder:
 
     @_writes
     def save_checkpoint(self, state: Mapping, run_key: str) -> None:
-        """Save training state atomically (temp file + rename); only the last one is kept."""
-        import torch
-
-        tmp = self.file(f".{CHECKPOINT_FILE}.tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, "run_key": run_key, **state}, tmp)
-        os.replace(tmp, self.file(CHECKPOINT_FILE))
+        """Save training state atomically (temp file, fsync, rename); only the last one is
+        kept, and a save that fails (a full disk: DiskFull) leaves the previous one whole."""
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "run_key": run_key, **state},
+                          self.file(CHECKPOINT_FILE), "the checkpoint")
 
     def load_checkpoint(self, run_key: str) -> dict | None:
         """The saved state, or None when there is none; never a half-loaded or foreign one."""

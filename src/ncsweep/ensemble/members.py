@@ -9,9 +9,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ncsweep.diskspace import DiskFull
 from ncsweep.ensemble.stepper import StackedStepper
 from ncsweep.jobs import run_admitted
-from ncsweep.lifecycle import Attempt, admit, root_cause
+from ncsweep.lifecycle import Attempt, admit, root_cause, stopped_by_full_disk
 from ncsweep.stopping import StopFlag
 from ncsweep.tracking import CheckpointError, NoMirror, WandbMirror, jsonable
 from ncsweep.training import FitResult, StopRequested
@@ -27,7 +28,21 @@ def prepare(cfg: DictConfig) -> Attempt | dict:
 
 
 def run_group(members: Sequence[Attempt]) -> list[dict]:
-    """Train the admitted members of one group together; a status dict for each, in order."""
+    """Train the admitted members of one group together; a status dict for each, in order.
+
+    Each member holds its own folder's lease from admission; all are let go at the end.
+    """
+    try:
+        return _run_group(members)
+    except DiskFull as err:
+        return [m.status or stopped_by_full_disk(m.context, err) for m in members]
+    finally:
+        for m in members:
+            m.release()
+
+
+def _run_group(members: Sequence[Attempt]) -> list[dict]:
+    """run_group's choice: stacked, or one after another where the members cannot stack."""
     if len(members) < 2 or members[0].plain["trainer"]["dry_run"]:
         return [run_admitted(m) for m in members]
     if any(m.plain["dataset"] != members[0].plain["dataset"] for m in members):
@@ -69,6 +84,7 @@ def _train(members: list[Attempt], states: list[dict | None]) -> list[dict]:
             if m.status is None:
                 m.mirror.finish(exit_code=1)
                 m.folder.record_attempt("interrupted")
+            m.release()
         stop.hand_over()
     except Exception as err:
         err = root_cause(err)
