@@ -145,3 +145,15 @@ def test_validate_refuses_a_device_this_machine_lacks() -> None:
         with pytest.raises(ConfigError) as err:
             validate(compose_cfg([f"trainer.device={device}"]))
         assert err.value.key == "trainer.device" and reason in str(err.value)
+
+
+@pytest.mark.parametrize("args", [["dim=100000000"], ["experiment=ufm", "dim=100000000"]])
+def test_a_model_too_large_for_memory_is_refused_before_it_is_allocated(
+        tmp_path: Path, args: list[str]) -> None:
+    # 1e8 features: 400 MB a parameter row, hundreds of GiB in all, sized on the meta device
+    line = assert_refused(run_cli([*args, *FAST], tmp_path, timeout=120), tmp_path,
+                          "dim=100000000 is not allowed: a model whose parameters fit in memory")
+    size, _ = re.search(r"holds ([\d.]+ \w+) of parameters alone .* the ([\d.]+ \w+) free",
+                           line).groups()
+    assert size.endswith("GiB") or size.endswith("TiB"), line
+    assert not list(tmp_path.glob("**/checkpoint.pt"))

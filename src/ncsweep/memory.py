@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_MEMINFO = Path("/proc/meminfo")
 _STATUS = Path("/proc/self/status")
 
 
@@ -75,6 +76,22 @@ def read_peak(device: torch.device) -> PeakMemory:
     scale = 1 if sys.platform == "darwin" else 1024
     return PeakMemory(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
                       "cpu_peak_rss_lifetime")
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can take on ``device``: CUDA's free bytes, or the machine's
+    available memory (``MemAvailable``) for the CPU; None where it cannot be read (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _vm_hwm() -> int | None:

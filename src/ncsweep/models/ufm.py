@@ -62,7 +62,8 @@ class UFMFeatures(Backbone):
         scale = init_std / math.sqrt(feature_dim)
         self.features = nn.Parameter(scale * torch.randn(n, feature_dim, dtype=self.dtype))
         self.register_buffer("labels",
-                             torch.arange(num_classes).repeat_interleave(torch.tensor(counts)))
+                             torch.arange(num_classes).repeat_interleave(torch.tensor(counts),
+                                                                       output_size=n))
         self.register_buffer("all_rows", torch.arange(n), persistent=False)
         self._optimum: dict[tuple[str, bool], float] = {}
         self.tolerances = (probe_grad_tol, probe_gap_tol, probe_eig_tol)
