@@ -8,6 +8,7 @@ lowest class index. Only tallies (correct, samples) are kept, so they merge by a
 from __future__ import annotations
 
 import copy
+from typing import Protocol
 
 import torch
 
@@ -25,10 +26,20 @@ from ncsweep.nc.tensors import (
 )
 
 
+class ClassMeans(Protocol):
+    """Class counts (K,) and class means (K, d): a ``State`` or a layer's ``Moments``."""
+
+    @property
+    def counts(self) -> torch.Tensor: ...
+
+    @property
+    def means(self) -> torch.Tensor: ...
+
+
 class NearestCentreTally:
     """Correct nearest-centre decisions and samples seen, against fixed class means."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: ClassMeans | State) -> None:
         mu_g, m = centred_means(state.counts, state.means)
         self.mu_g, self.proj, self.offsets = mu_g, 2.0 * m, -m.square().sum(dim=1)
         self.tally = torch.zeros(2, dtype=torch.int64, device=m.device)

@@ -61,8 +61,8 @@ class DepthProbe:
         return self.metrics is not None and self.metrics.needs_second_pass
 
     def second(self, labels: torch.Tensor) -> None:
-        """The latest forward pass's block outputs on the second train pass (ncc_acc_train),
-        run where ``needs_second_pass`` was True after ``reduce``."""
+        """The latest forward pass's block outputs on the second train pass (the squared terms
+        and ncc_acc_train), run where ``needs_second_pass`` was True after ``reduce``."""
         if self.metrics is not None and self.outputs is not None:
             self.metrics.update_train_ncc(self.outputs.take(), labels)
 

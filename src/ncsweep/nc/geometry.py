@@ -55,13 +55,15 @@ def separation_metrics(
     counts: torch.Tensor,
     means: torch.Tensor,
     sq_dev: torch.Tensor,
-    sigma_w: torch.Tensor,
+    quadratic: torch.Tensor,
     tile: int,
 ) -> dict[str, torch.Tensor]:
     """nc1, cdnv and trace_ratio, the keys that need no classifier, so any layer has them.
 
-    They equal ``geometry_metrics``' keys of the same name; a zero row of M (a class mean at
-    the global mean) is allowed here, since none of the three needs its direction.
+    ``quadratic`` holds v^T Sigma_W v for each row v of ``between_inverse``'s basis, so no
+    d x d Sigma_W is needed; tr(Sigma_W) is sum(sq_dev) / N. They equal ``geometry_metrics``'
+    keys of the same name; a zero row of M (a class mean at the global mean) is allowed here,
+    since none of the three needs its direction.
     """
     m = centred_means(counts, means)[1]
     trace_b = m.square().sum() / m.shape[0]
@@ -70,10 +72,11 @@ def separation_metrics(
     norms = torch.linalg.vector_norm(m, dim=1)
     pairs = symmetric_pairs(m, tile, "M M^T", norms=torch.where(norms > 0, norms, 1.0),
                             variances=sq_dev / counts)
+    inverse = between_inverse(m, counts)[1]
     return {
-        "nc1": _nc1(m, counts, sigma_w),
+        "nc1": (quadratic * inverse).sum() / m.shape[0],
         "cdnv": pairs["cdnv"],
-        "trace_ratio": sigma_w.trace() / trace_b,
+        "trace_ratio": sq_dev.sum() / counts.sum() / trace_b,
     }
 
 
@@ -131,10 +134,11 @@ def _complement(counts: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return m[1:] - (2.0 / (v @ v)) * v[1:, None] * (v @ m)[None, :]
 
 
-def _nc1(
-    m: torch.Tensor, counts: torch.Tensor, sigma_w: torch.Tensor, cutoff_dim: int | None = None
-) -> torch.Tensor:
-    """tr(Sigma_W Sigma_B^+) / K through the SVD of M restricted to the complement of counts.
+def between_inverse(
+    m: torch.Tensor, counts: torch.Tensor, cutoff_dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigma_B^+ = V^T diag(inverse) V: the rows V (min(K-1, d) x d) from the SVD of M
+    restricted to the complement of counts, and the inverted eigenvalues, 0 where dropped.
 
     The pseudo-inverse drops eigenvalues at or below max(cutoff_dim, K) eps times the largest;
     cutoff_dim defaults to M's width d.
@@ -144,9 +148,16 @@ def _nc1(
     s, vh = _right_singular(_complement(counts, m))
     eig = s.square() / k
     keep = eig > eig[0] * max(d, k) * EPS
-    inverse = torch.where(keep, 1.0 / torch.where(keep, eig, 1.0), 0.0)
+    return vh, torch.where(keep, 1.0 / torch.where(keep, eig, 1.0), 0.0)
+
+
+def _nc1(
+    m: torch.Tensor, counts: torch.Tensor, sigma_w: torch.Tensor, cutoff_dim: int | None = None
+) -> torch.Tensor:
+    """tr(Sigma_W Sigma_B^+) / K through ``between_inverse``."""
+    vh, inverse = between_inverse(m, counts, cutoff_dim)
     quadratic = ((vh @ sigma_w) * vh).sum(dim=1)
-    return (quadratic * inverse).sum() / k
+    return (quadratic * inverse).sum() / m.shape[0]
 
 
 def _row_norms(x: torch.Tensor, name: str) -> torch.Tensor:

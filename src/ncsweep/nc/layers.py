@@ -15,9 +15,11 @@ Keys, for each block ``<block>`` (names per architecture: ``ncsweep.nc.blocks``)
   which nc1 shrinks per block, and the line's R^2. Both are left out with fewer than two blocks
   or where some nc1 is not a positive finite number (its logarithm is undefined).
 
-The formulas and conventions are those of ``ncsweep.nc`` (float64 state, Chan et al.'s merge,
-the pseudo-inverse cut-off); a block's nc1, cdnv and trace_ratio equal ``nc_metrics``' keys of
-the same name on that block's features. Convolutional outputs enter as per-channel means
+The formulas and conventions are those of ``ncsweep.nc`` (float64, the pseudo-inverse cut-off);
+a block's nc1, cdnv and trace_ratio equal ``nc_metrics``' keys of the same name on that block's
+features. Pass 1 keeps only class counts and sums (``ncsweep.nc.classstats``); the squared terms
+come from the kept train features, or the second pass, once the class means are final, so no
+d x d scatter is formed. Convolutional outputs enter as per-channel means
 (``ncsweep.nc.probe``).
 
 Use, in the eval passes the run already makes (no extra forward pass while the kept block
@@ -46,7 +48,7 @@ import torch
 
 from ncsweep import distributed
 from ncsweep.nc.centres import NearestCentreTally, accuracy
-from ncsweep.nc.classstats import ClassStats
+from ncsweep.nc.classstats import ClassStats, Within
 from ncsweep.nc.tensors import ArrayLike, as_tensor, check_tile_size, default_tile_size
 
 if TYPE_CHECKING:
@@ -89,8 +91,9 @@ def data_separation_fit(depths: Sequence[float], nc1: Sequence[float]) -> dict[s
 
 class LayerMetrics:
     """The per-block metrics of one model over the eval passes: one ``ClassStats`` per block,
-    the blocks' train features kept for ``ncc_acc_train`` while within ``max_feature_bytes``
-    (else a second pass), and ``NearestCentreTally`` counts for the train and test splits.
+    the blocks' train features kept for the ``Within`` sums and ``ncc_acc_train`` while within
+    ``max_feature_bytes`` (else a second pass), and ``NearestCentreTally`` counts for the train
+    and test splits.
 
     Across ranks: ``update`` with the rank's shard, ``all_reduce()``, the second pass if
     needed, ``update_test``, then ``compute`` on every rank (collective).
@@ -112,6 +115,7 @@ class LayerMetrics:
         self._kept: list[tuple[dict[str, torch.Tensor], torch.Tensor]] | None = []
         self._kept_bytes = 0
         self._train: dict[str, NearestCentreTally] | None = None
+        self._within: dict[str, Within] | None = None
         self._test: dict[str, NearestCentreTally] | None = None
         self._reduced = False
         self._group: ProcessGroup | None = None
@@ -132,11 +136,16 @@ class LayerMetrics:
         self._keep(batch, labels, copy)
 
     def update_train_ncc(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
-        """Second pass over the same train data: ncc_acc_train against the final class means."""
+        """Second pass over the same train data: ncc_acc_train and the within-class sums of
+        nc1, both against the final class means."""
         if self._kept is not None:
             raise ValueError("update_train_ncc is for a second pass; the train features were "
                              "kept (needs_second_pass is False)")
         self._train = self._score(self._train, features, labels)
+        if self._within is None:
+            self._within = self._new_within()
+        for name, feats in self._batch(features, labels).items():
+            self._within[name].update(feats, labels)
 
     def update_test(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
         """Add a test batch: ncc_acc_test against the train class means (pass 1 must be done)."""
@@ -195,8 +204,8 @@ class LayerMetrics:
             device = self.stats[self.blocks[0]].require_all_classes().means.device
             tile = default_tile_size(self.num_classes, device)
         values: dict[str, float] = {}
-        for name in self.blocks:
-            for key, value in self.stats[name].metrics(tile).items():
+        for name, within in zip(self.blocks, self._within_sums(), strict=True):
+            for key, value in self.stats[name].metrics(within, tile).items():
                 values[layer_key(name, key)] = value
         splits = {"ncc_acc_train": self._train_tallies()}
         test = self._test if not self._reduced else self._test_everywhere()
@@ -213,6 +222,26 @@ class LayerMetrics:
                 values[layer_key(name, key)] = accuracy(next(rows))
         nc1 = [values[layer_key(name, "nc1")] for name in self.blocks]
         return values | data_separation_fit(self.depths, nc1)
+
+    def _new_within(self) -> dict[str, Within]:
+        """Empty within-class sums of every block, along its final between-class basis."""
+        return {name: Within(self.stats[name].require_all_classes()) for name in self.blocks}
+
+    def _within_sums(self) -> list[torch.Tensor]:
+        """Every block's ``Within.totals`` over all train data: from the second pass or the
+        kept features, summed over the ranks (collective after all_reduce)."""
+        within = self._within
+        if within is None:
+            within = self._new_within()
+            for batch, labels in self._require_kept():
+                for name, feats in batch.items():
+                    within[name].update(feats, labels)
+        sums = [within[name].totals() for name in self.blocks]
+        if not self._reduced:
+            return sums
+        device = distributed.collective_device(self._group)
+        total = distributed.all_reduce_sum(torch.cat(sums).to(device), self._group)
+        return list(torch.split(total.cpu(), [len(s) for s in sums]))
 
     def _test_everywhere(self) -> dict[str, NearestCentreTally] | None:
         """The test tallies, empty ones on a rank without test batches where another rank had
@@ -270,19 +299,23 @@ class LayerMetrics:
             tallies[name].update(feats, labels)
         return tallies
 
+    def _require_kept(self) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """The kept train batches, refused when they outgrew the budget and no second pass ran."""
+        if self._kept is None:
+            raise ValueError(
+                f"nc1 and ncc_acc_train need a second pass: the block features exceeded "
+                f"max_feature_bytes={self.max_feature_bytes} and were not kept; call "
+                f"update_train_ncc over the same train data before compute"
+            )
+        return self._kept
+
     def _train_tallies(self) -> dict[str, NearestCentreTally]:
         """The train tallies: from the second pass, or scored now on the kept features."""
         if self._train is not None:
             return self._train
-        if self._kept is None:
-            raise ValueError(
-                f"ncc_acc_train needs a second pass: the block features exceeded "
-                f"max_feature_bytes={self.max_feature_bytes} and were not kept; call "
-                f"update_train_ncc over the same train data before compute"
-            )
         tallies = {name: NearestCentreTally(self.stats[name].require_all_classes())
                    for name in self.blocks}
-        for batch, labels in self._kept:
+        for batch, labels in self._require_kept():
             for name, feats in batch.items():
                 tallies[name].update(feats, labels)
         return tallies

@@ -4,8 +4,9 @@ A convolutional output (N, C, H, W) enters as its per-channel spatial means (N, 
 global average pooling is the standard reduction of a feature map in the layer-wise collapse
 literature (it is what the network's own head sees after its last stage), its width C does not
 depend on the input size, and the full map would be C*H*W-dimensional (64 x 32 x 32 = 65,536
-features at ResNet18's first stage on 32 x 32 inputs: a 34 GB float64 scatter). Any other output is
-flattened to (N, -1) and copied, so later in-place operations of the network cannot change it.
+features at ResNet18's first stage on 32 x 32 inputs: 512 KiB of float64 per sample). Any other
+output is flattened to (N, -1) and copied, so later in-place operations of the network cannot
+change it.
 """
 
 from __future__ import annotations
