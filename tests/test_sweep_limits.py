@@ -37,7 +37,7 @@ def test_runs_are_packed_to_fit_a_job_limit_and_ensembles_stay_whole() -> None:
     packed = pack(units(2000, ensemble=4), per_task)
     assert per_task == 8 and len(packed) == 250 and all(len(u) == 4 for t in packed for u in t)
     line = describe(1, 3, [400], limits)
-    assert line == f"packed up to 3 runs a job to stay within {RULE}"
+    assert line == f"runs packed to stay within {RULE}"
 
 
 def test_a_limit_nothing_meets_is_one_line() -> None:

@@ -131,7 +131,7 @@ def describe(asked: int, per_task: int, sizes: list[int], limits: Limits) -> str
     """The one phrase that says how the sweep was packed and split; empty when it was not."""
     parts = []
     if per_task > asked:
-        parts.append(f"packed up to {per_task} runs a job to stay within {limits.task_rule}")
+        parts.append(f"runs packed to stay within {limits.task_rule}")
     if len(sizes) > 1:
         parts.append(f"split into {len(sizes)} arrays of up to {max(sizes)} tasks "
                      f"(MaxArraySize {limits.max_array_size})")
