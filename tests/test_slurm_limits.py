@@ -148,3 +148,21 @@ def test_a_ten_thousand_run_sweep_submits_as_is(local_slurm: str, tmp_path: Path
     assert f"split into {len(arrays_of(list(tasks)))} arrays" in line or len(tasks) <= 1001
     assert "10000 runs, up to" in line or len(tasks) == 10_000
     print(f"10,000 runs submitted as {len(tasks)} tasks in {took:.1f} s: {line}")
+
+
+def test_a_submit_limit_nothing_meets_is_one_line_before_anything_is_submitted(
+        local_slurm: str, tmp_path: Path) -> None:
+    qos = f"ncsweep-none-{uuid.uuid4().hex[:6]}"
+    add = ["sacctmgr", "-i", "add", "qos", qos, "MaxSubmitJobsPerUser=0"]
+    subprocess.run(add, check=True, capture_output=True, timeout=60)
+    try:
+        res = run_cli(["-m", *TINY, *SMALL, "seed=0,1", "name=none",
+                       f"hydra.launcher.qos={qos}"], tmp_path, timeout=180)
+    finally:
+        subprocess.run(["sacctmgr", "-i", "delete", "qos", qos], capture_output=True, timeout=60)
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"QOS {qos}'s MaxSubmitJobsPerUser 0" in errors[0] and "no room" in errors[0]
+    assert not (tmp_path / "multirun" / "none" / ".ncsweep-jobs.jsonl").exists()
+    assert "submitted" not in res.stdout

@@ -108,7 +108,8 @@ def fit(units: Sequence[Unit], runs_per_task: int, limits: Limits) -> int:
         return runs_per_task
     if room < 1:
         raise cluster.ClusterError(f"{limits.task_rule} leaves no room for another job: wait "
-                                   "for queued jobs to end, then re-run the same command")
+                                   "for queued jobs to end or choose another "
+                                   "hydra.launcher.qos or account, then re-run")
     runs = sum(len(unit) for unit in units)
     per_task = max(runs_per_task, math.ceil(runs / room))
     while len(pack(units, per_task)) > room:
