@@ -90,7 +90,7 @@ def test_a_cancelled_job_ends_in_the_summary_line_and_resumes(local_slurm: str,
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     _wait_for_rows(tmp_path, 4, proc)
-    subprocess.run(["scancel", _running_job_id()], check=True, timeout=30)
+    subprocess.run(["scancel", _running_job_id(tmp_path)], check=True, timeout=30)
     out, err = proc.communicate(timeout=200)
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
@@ -108,10 +108,12 @@ def test_a_cancelled_job_ends_in_the_summary_line_and_resumes(local_slurm: str,
         assert summary[f"{kind}_time_s"] > summary[f"last_attempt_{kind}_time_s"] > 0
 
 
-def _running_job_id() -> str:
-    out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True,
-                         text=True, timeout=30).stdout.split()
-    assert len(out) == 1, f"expected one running job, squeue says {out}"
+def _running_job_id(cwd: Path) -> str:
+    """The one running job submitted from ``cwd`` (the cluster may run others' jobs too)."""
+    rows = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i|%Z"], capture_output=True,
+                          text=True, timeout=30).stdout.split()
+    out = [i for i, _, d in (r.partition("|") for r in rows) if Path(d) == cwd.resolve()]
+    assert len(out) == 1, f"expected one running job, squeue says {rows}"
     return out[0].split("_")[0]
 
 
@@ -140,7 +142,7 @@ def test_preempted_job_is_requeued_resumes_to_the_same_result_and_is_one_online_
                              "name=preempt"], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_rows(root, 4, proc)
-    job_id = _running_job_id()
+    job_id = _running_job_id(root)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]

@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsweep.launcher.hydra_compat import caching_repository, overrides_dirname
+from ncsweep.launcher.overrides import parse
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ class SweepComposer:
     def __init__(self, config_loader: Any, master: DictConfig) -> None:
         self.loader = config_loader
         self.master = master
-        self.parser = OverridesParser.create()
         self.prefix = [str(o) for o in master.hydra.overrides.hydra]
         self._templates: OrderedDict[tuple, _Template] = OrderedDict()
         self._groups: dict[str, bool] = {}
@@ -85,7 +84,7 @@ class SweepComposer:
 
     def _find(self, sweep_overrides: Sequence[str]) -> tuple[list[Override], tuple | None,
                                                               _Template | None]:
-        parsed = self.parser.parse_overrides([*self.prefix, *sweep_overrides])
+        parsed = parse([*self.prefix, *sweep_overrides])
         shape = self._shape(parsed)
         template = self._templates.get(shape) if shape is not None else None
         if template is not None:

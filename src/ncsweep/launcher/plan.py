@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsweep.config import ConfigError
 from ncsweep.launcher.hydra_compat import overrides_dirname
+from ncsweep.launcher.overrides import parse
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,11 @@ def job_folders(config: DictConfig, job_overrides: Sequence[Sequence[str]],
     """Each job's run folder, resolved as Hydra will resolve it in the job."""
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     naming = config.hydra.job.config.override_dirname
-    parser = OverridesParser.create()
     scratch = copy.deepcopy(config)
     folders = []
     with open_dict(scratch):
         for idx, overrides in enumerate(job_overrides):
-            task = [o for o in parser.parse_overrides(list(overrides))
+            task = [o for o in parse(overrides)
                     if not o.is_hydra_override()]
             scratch.hydra.job.override_dirname = overrides_dirname(task, naming)
             scratch.hydra.job.num = initial_job_idx + idx
@@ -81,12 +80,11 @@ def ensemble_on(config: DictConfig, overrides: Sequence[Override]) -> bool:
 def plan_units(config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
                folders: Sequence[Path]) -> list[Unit]:
     """The sweep's jobs as units: under trainer.ensemble, jobs differing only in seed are one."""
-    parser = OverridesParser.create()
     units: list[Unit] = []
     groups: dict[tuple[str, ...], Unit] = {}
     for idx, (overrides, folder) in enumerate(zip(job_overrides, folders, strict=True)):
         job = Job(tuple(overrides), initial_job_idx + idx, str(folder))
-        parsed = parser.parse_overrides(list(overrides))
+        parsed = parse(overrides)
         if not ensemble_on(config, parsed):
             units.append([job])
             continue

@@ -21,6 +21,7 @@ from ncsweep import cluster
 from ncsweep.config import ConfigError
 from ncsweep.console import setup_logging
 from ncsweep.launcher.hydra_compat import job_return
+from ncsweep.launcher.limits import describe, fit, read_limits, split
 from ncsweep.launcher.plan import (
     AUTO_DEFAULTS,
     JOBS_FILE,
@@ -35,6 +36,7 @@ from ncsweep.launcher.plan import (
     ranks,
     status_command,
 )
+from ncsweep.launcher.rerun import reserve, settle
 from ncsweep.launcher.spec import Sweep, TaskSpec
 from ncsweep.launcher.tasks import Task
 from ncsweep.launcher.watch import Watcher, collect
@@ -47,8 +49,9 @@ def _fail(err: BaseException) -> SystemExit:
     return SystemExit(2)
 
 
-def preflight(params: dict[str, Any], jobs: int) -> tuple[dict[str, Any], str]:
-    """Fill ``auto`` resources and the partition; refuse what can never run; the line to say."""
+def preflight(params: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Fill ``auto`` resources and the partition; refuse what can never run; what to say of
+    each job."""
 
     if shutil.which("sbatch") is None:
         raise cluster.ClusterError("sbatch is not on PATH: launcher=slurm needs a SLURM client "
@@ -60,7 +63,7 @@ def preflight(params: dict[str, Any], jobs: int) -> tuple[dict[str, Any], str]:
     resolved: dict[str, Any] = cluster.resolve_resources(asked, AUTO_DEFAULTS, partition)
     autos = [k for k in cluster.RESOURCE_KEYS if params.get(k) == cluster.AUTO]
     gpus = resolved["gpus_per_node"]
-    line = (f"slurm: {jobs} job(s) on partition {partition.name}, each "
+    line = (f"on partition {partition.name}, each "
             f"{resolved['cpus_per_task'] or 'default'} CPU(s), "
             f"{resolved['mem_gb'] if resolved['mem_gb'] else 'default'} GB, "
             f"{gpus or 'no'} GPU(s), {params.get('timeout_min')} min"
@@ -119,11 +122,25 @@ def launch(sweep: Sweep, job_overrides: Sequence[Sequence[str]],
         units = plan_units(config, job_overrides, initial_job_idx, folders)
         rank_params = {k: params.pop(k) for k in RANK_KEYS if k in params}
         world = ranks({**params, **rank_params}, kind, parallel, units)
+        settled = settle(config, job_overrides, units)
+        units = [unit for unit in units if settled.keeps(unit)]
+        runs = sum(len(unit) for unit in units)
+        if settled:
+            log.info("%s", settled.line(kind, runs))
+        if not units:
+            return _in_order(settled.returns())
         tasks = pack(units, per_task)
         resolved: dict[str, Any] = {}
+        sizes = [len(tasks)]
         if kind == "slurm":
-            resolved, line = preflight(params, len(tasks))
+            resolved, each = preflight(params)
             params.update(resolved)
+            scheduler = read_limits(params.get("qos"), params.get("account"))
+            asked, per_task = per_task, fit(units, per_task, scheduler)
+            tasks = pack(units, per_task)
+            sizes = split(len(tasks), scheduler)
+            how = describe(asked, per_task, sizes, scheduler)
+            line = f"slurm: {len(tasks)} job(s) {each}" + (f"; {how}" if how else "")
         else:
             line = (f"local: {len(tasks)} job(s) as subprocesses of this one, each "
                     f"{params.get('cpus_per_task') or 1} CPU(s), {params.get('timeout_min')} min")
@@ -133,8 +150,8 @@ def launch(sweep: Sweep, job_overrides: Sequence[Sequence[str]],
         executor = _executor(kind, params)
     except (ConfigError, cluster.ClusterError) as err:
         raise _fail(err) from None
-    if len(tasks) < len(job_overrides):
-        line += (f"; {len(job_overrides)} runs, up to {per_task} a job"
+    if len(tasks) < runs:
+        line += (f"; {runs} runs, up to {per_task} a job"
                  + (f", {parallel} at once" if parallel > 1 else ""))
     log.info("%s", line)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +163,7 @@ def launch(sweep: Sweep, job_overrides: Sequence[Sequence[str]],
                     cpus_per_task=cpus if isinstance(cpus, int) and not isinstance(cpus, bool)
                     else None, runs_in_parallel=parallel,
                     rank_timeout_s=float(rank_params.get("rank_timeout_s", 600)))
-    jobs = _submit(executor, Task(spec), tasks)
+    jobs = _submit(executor, Task(spec), tasks, sizes, kind)
     keep = watch.get("leave_running_on_interrupt", False)
     watcher = Watcher(kind, jobs, poll_s=float(watch.get("poll_s", 10.0)),
                       log_every_s=float(watch.get("log_every_s", 60.0)),
@@ -157,8 +174,9 @@ def launch(sweep: Sweep, job_overrides: Sequence[Sequence[str]],
             log.info("%s: submitted %s, detached; `%s` shows their state, re-running the same "
                      "command skips, resumes or retries them", kind, _array_summary(jobs),
                      status_command(sweep_dir))
-            return [job_return(ov, {"status": "submitted", "dir": str(f)})
-                    for ov, f in zip(job_overrides, folders, strict=True)]
+            return _in_order({**settled.returns(), **{
+                run.num: job_return(run.overrides, {"status": "submitted", "dir": run.folder})
+                for task in tasks for unit in task for run in unit}})
         log.info("%s: submitted %s; Ctrl-C %s", kind, _array_summary(jobs),
                  "leaves them running" if keep else
                  "cancels them (hydra.launcher.leave_running_on_interrupt=true leaves them "
@@ -175,21 +193,41 @@ def launch(sweep: Sweep, job_overrides: Sequence[Sequence[str]],
                         len(open_jobs))
             watcher.cancel(open_jobs)
         raise SystemExit(130) from None
-    return collect(jobs, tasks, states, started)
+    nums = sorted(run.num for task in tasks for unit in task for run in unit)
+    ended = dict(zip(nums, collect(jobs, tasks, states, started), strict=True))
+    return _in_order({**settled.returns(), **ended})
 
 
-def _submit(executor: Any, task: Task, units: list[list[Unit]]) -> list[Any]:
-    """One submission for the whole batch; sbatch's refusal becomes one line, exit 2."""
+def _in_order(results: dict[int, JobReturn]) -> list[JobReturn]:
+    """Hydra's one result per job, in job order."""
+    return [results[num] for num in sorted(results)]
+
+
+def _submit(executor: Any, task: Task, tasks: list[list[Unit]], sizes: Sequence[int],
+            kind: str) -> list[Any]:
+    """One array per size (within MaxArraySize); each submitted run's folder marked queued.
+
+    sbatch's refusal becomes one line, exit 2, with the arrays already submitted cancelled."""
     from submitit.core.utils import FailedJobError
 
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return executor.map_array(task, units)
-    except FailedJobError as err:
-        message = cluster.first_error_line(str(err) or captured.getvalue())
-        raise _fail(cluster.ClusterError(f"sbatch refused the sweep: {message}")) from None
-    except OSError as err:
-        raise _fail(cluster.ClusterError(f"the sweep could not be submitted: {err}")) from None
-
-
+    jobs: list[Any] = []
+    start = 0
+    for size in sizes:
+        chunk = tasks[start:start + size]
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                submitted = executor.map_array(task, chunk)
+        except (FailedJobError, OSError) as err:
+            if jobs:
+                cluster.cancel(str(job.job_id) for job in jobs)
+            if isinstance(err, OSError):
+                raise _fail(cluster.ClusterError(f"the sweep could not be submitted: {err}")
+                            ) from None
+            message = cluster.first_error_line(str(err) or captured.getvalue())
+            raise _fail(cluster.ClusterError(f"sbatch refused the sweep: {message}")) from None
+        if kind == "slurm":
+            reserve(submitted, chunk)
+        jobs.extend(submitted)
+        start += size
+    return jobs

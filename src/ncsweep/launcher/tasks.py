@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -55,11 +56,27 @@ class Task:
     def __call__(self, units: Sequence[Unit]) -> list[JobReturn]:
         return run_in_job(self.spec, units)
 
+    @functools.cached_property
+    def pickled_spec(self) -> bytes:
+        """The spec pickled once: submitit pickles the task once per array task (10,000)."""
+        import cloudpickle
+
+        return cloudpickle.dumps(self.spec)
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        """Pickle as the spec's bytes, computed once however often the task is pickled."""
+        return task_from_bytes, (self.pickled_spec,)
+
     def checkpoint(self, units: Sequence[Unit]) -> Any:
         """submitit's requeue on preemption or timeout: the same task again (runs resume)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, units)
+
+
+def task_from_bytes(spec: bytes) -> Task:
+    """The task a pickle holds (see ``Task.__reduce__``)."""
+    return Task(pickle.loads(spec))
 
 
 def _done_here(run: Job, launched: float) -> JobReturn | None:
