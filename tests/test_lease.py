@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -294,9 +293,7 @@ def test_timing_that_would_look_dead_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(shutil.which("sbatch") is None or "SLURM_CONF" not in os.environ,
-                    reason="needs the local SLURM cluster (SLURM_CONF and sbatch)")
-def test_real_slurm_job_holds_until_cancelled(tmp_path: Path) -> None:
+def test_real_slurm_job_holds_until_cancelled(local_slurm: str, tmp_path: Path) -> None:
     job = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 120"],
                          capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
     try:
