@@ -260,3 +260,10 @@ def load(overrides: list[str]) -> D.DataBundle:
     cfg = compose_cfg(overrides)
     validate(cfg)
     return instantiate(cfg.dataset, _partial_=True)()
+
+
+# A small deterministic MLP run and two local gloo ranks, for the rank tests.
+DDP_MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true", "seed=0",
+       "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",
+       "trainer.eval_every=2", "trainer.checkpoint_every=1", "name=ddp", "nc.layers=all"]
+LOCAL_RANKS = ["launcher=local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.poll_s=0.5"]

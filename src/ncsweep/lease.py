@@ -275,9 +275,9 @@ class Lease:
             try:
                 current = _snapshot(self.path)
                 if current is None or current[0] != mine:
-                    self.lost = True
                     log.error("lost the lease of %s: the lease file was removed or replaced",
                               self.folder)
+                    self.lost = True  # after the line: whoever sees the flag can read why
                     return
                 os.utime(self.path)
             except OSError as error:
