@@ -16,7 +16,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from ncsweep.config import run_key
-from tests.support import API_KEY, IN_CI, ROOT, compose_cfg, get_json, tail
+from tests.support import API_KEY, IN_CI, ROOT, compose_cfg, free_port, get_json, tail
 
 
 @pytest.fixture(autouse=True)
@@ -119,12 +118,6 @@ def local_slurm() -> Iterator[str]:
 
 # A local W&B-compatible server (openwandb, a dev extra) for the online tests.
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def wandb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One openwandb server for the session, on a free port, stopped at the end."""
@@ -134,7 +127,7 @@ def wandb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if IN_CI:
             pytest.fail("openwandb is not installed (pip install -e '.[dev]')", pytrace=False)
         pytest.skip("openwandb is not installed (pip install -e '.[dev]')")
-    port = _free_port()
+    port = free_port()
     data = tmp_path_factory.mktemp("openwandb")
     log = open(data / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen([command, "serve", "--host", "127.0.0.1", "--port", str(port),

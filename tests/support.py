@@ -9,14 +9,17 @@ import gzip
 import json
 import os
 import pickle
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -267,3 +270,50 @@ DDP_MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true"
        "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",
        "trainer.eval_every=2", "trainer.checkpoint_every=1", "name=ddp", "nc.layers=all"]
 LOCAL_RANKS = ["launcher=local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.poll_s=0.5"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_ranks(script: str, out_dir: Path, timeout: float) -> None:
+    """Run ``script RANK 2 PORT OUT_DIR`` as two real gloo ranks; fail with both logs if either
+    rank fails or runs past ``timeout``."""
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]),
+                        "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, script, str(r), "2", str(port), str(out_dir)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout)[0].decode())
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(logs)
+
+
+@contextmanager
+def small_tmpfs(root: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (e.g. "6m") under ``root`` (needs root); the test is skipped with
+    the reason where it cannot be mounted, and it is always unmounted."""
+    mount_point = root / "small"
+    mount_point.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command on this machine, so no small filesystem to fill")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                          str(mount_point)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip() or res.returncode}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+

@@ -4,7 +4,6 @@ filesystem that ends equal to an uninterrupted sweep."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from ncsweep.nc import KEYS
 from ncsweep.tracking import RunFolder
-from tests.support import FAST, run_cli, run_cli_beside
+from tests.support import FAST, run_cli, run_cli_beside, small_tmpfs
 
 # The default MLP's checkpoint is 2.7 MB: on 6 MiB the first run fits (its checkpoint and the
 # next one's temporary), the second run's second checkpoint does not.
@@ -27,18 +26,8 @@ HINT = "free space, then re-run the same command"
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 6 MiB tmpfs (needs root); skipped with the reason where it cannot be mounted."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command on this machine, so no small filesystem to fill")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip() or res.returncode}")
-    try:
+    with small_tmpfs(tmp_path, "6m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], capture_output=True)
 
 
 def runs(root: Path) -> dict[str, RunFolder]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +26,7 @@ from ncsweep.nc.centres import NearestCentreTally
 from ncsweep.nc.classstats import ClassStats
 from ncsweep.nc.layers import LayerMetrics, data_separation_fit, layer_key
 from ncsweep.nc.probe import capture
+from tests.support import run_two_ranks
 
 K = 4
 N_TRAIN, N_TEST = 44, 26
@@ -298,23 +297,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    from tests.test_nc_distributed import free_port
-
-    port = free_port()
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]),
-                        "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=WORKER_TIMEOUT_S)[0].decode())
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(logs)
+    run_two_ranks(__file__, tmp_path, WORKER_TIMEOUT_S)
     model, (x, y), (x_test, y_test) = float64_mlp_problem()
     want, _ = run_layers(model, x, y, x_test, y_test)
     for rank in range(2):

@@ -7,9 +7,6 @@ The distributed tests start real processes (gloo on 127.0.0.1); this file is als
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +17,7 @@ import torch
 
 from ncsweep import distributed
 from ncsweep.nc import COMPUTE_KEYS, HeldOutNC4, NCAccumulator, decisions, nc_metrics
+from tests.support import run_two_ranks
 
 K, D = 6, 9
 WORKER_TIMEOUT_S = 120
@@ -79,30 +77,11 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    port = free_port()
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]),
-                        "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=WORKER_TIMEOUT_S)[0].decode())
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(logs)
+    run_two_ranks(__file__, out, WORKER_TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
