@@ -317,3 +317,26 @@ def small_tmpfs(root: Path, size: str) -> Iterator[Path]:
         if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
+
+def block_reference(h: np.ndarray, y: np.ndarray, h_test: np.ndarray, y_test: np.ndarray,
+              k: int) -> dict[str, float]:
+    """docs/metrics.md's per-block formulas (nc1, cdnv, trace_ratio, NCC accuracies on train and
+    test against the train means) written out in numpy float64, for K = ``k`` classes."""
+    n, d = h.shape
+    mu = np.stack([h[y == c].mean(axis=0) for c in range(k)])
+    dev = h - mu[y]
+    sigma_w = dev.T @ dev / n
+    m = mu - h.mean(axis=0)
+    sigma_b = m.T @ m / k
+    pinv = np.linalg.pinv(sigma_b, rcond=max(d, k) * np.finfo(np.float64).eps, hermitian=True)
+    var = np.array([np.square(dev[y == c]).sum(axis=1).mean() for c in range(k)])
+    cdnv = np.mean([(var[a] + var[b]) / (2 * np.square(mu[a] - mu[b]).sum())
+                    for a in range(k) for b in range(a + 1, k)])
+
+    def ncc(feats: np.ndarray, labels: np.ndarray) -> float:
+        dist = np.square(feats[:, None, :] - mu[None]).sum(axis=2)
+        return float((dist.argmin(axis=1) == labels).mean())
+
+    return {"nc1": np.trace(sigma_w @ pinv) / k, "cdnv": cdnv,
+            "trace_ratio": np.trace(sigma_w) / np.trace(sigma_b),
+            "ncc_acc_train": ncc(h, y), "ncc_acc_test": ncc(h_test, y_test)}

@@ -23,7 +23,7 @@ from ncsweep.report.__main__ import main
 from ncsweep.report.wandb_log import wandb_offline_files
 from ncsweep.tracking import RunFolder
 from ncsweep.training import evaluate
-from tests.support import FAST, compose_cfg, run_cli
+from tests.support import FAST, block_reference, compose_cfg, run_cli
 
 RTOL = 1e-9
 SHORT = [*FAST, "trainer.epochs=3", "trainer.eval_every=3", "arch.width=48", "dim=24",
@@ -31,27 +31,6 @@ SHORT = [*FAST, "trainer.epochs=3", "trainer.eval_every=3", "arch.width=48", "di
 MLP_BLOCKS = ("hidden1", "hidden2", "features")
 
 
-def reference(h: np.ndarray, y: np.ndarray, h_test: np.ndarray, y_test: np.ndarray,
-              k: int) -> dict[str, float]:
-    """docs/metrics.md's per-block formulas written out in numpy float64."""
-    n, d = h.shape
-    mu = np.stack([h[y == c].mean(axis=0) for c in range(k)])
-    dev = h - mu[y]
-    sigma_w = dev.T @ dev / n
-    m = mu - h.mean(axis=0)
-    sigma_b = m.T @ m / k
-    pinv = np.linalg.pinv(sigma_b, rcond=max(d, k) * np.finfo(np.float64).eps, hermitian=True)
-    var = np.array([np.square(dev[y == c]).sum(axis=1).mean() for c in range(k)])
-    cdnv = np.mean([(var[a] + var[b]) / (2 * np.square(mu[a] - mu[b]).sum())
-                    for a in range(k) for b in range(a + 1, k)])
-
-    def ncc(feats: np.ndarray, labels: np.ndarray) -> float:
-        dist = np.square(feats[:, None, :] - mu[None]).sum(axis=2)
-        return float((dist.argmin(axis=1) == labels).mean())
-
-    return {"nc1": np.trace(sigma_w @ pinv) / k, "cdnv": cdnv,
-            "trace_ratio": np.trace(sigma_w) / np.trace(sigma_b),
-            "ncc_acc_train": ncc(h, y), "ncc_acc_test": ncc(h_test, y_test)}
 
 
 @torch.no_grad()
@@ -82,7 +61,7 @@ def test_a_real_runs_block_rows_equal_a_float64_computation_from_its_weights(job
     y, y_test = train.labels.numpy(), test.labels.numpy()
     nc1 = []
     for block in MLP_BLOCKS:
-        want = reference(h[block], y, h_test[block], y_test, run.data.num_classes)
+        want = block_reference(h[block], y, h_test[block], y_test, run.data.num_classes)
         for key in BLOCK_KEYS:
             got = final[layer_key(block, key)]
             assert got == pytest.approx(want[key], rel=RTOL), (block, key)
@@ -177,7 +156,7 @@ def test_evaluate_on_a_small_resnet_equals_pooled_float64_features_and_a_second_
 
     h, h_test = pooled(data.train.inputs), pooled(data.test.inputs)
     for name in own:
-        want = reference(h[name], data.train.labels.numpy(), h_test[name],
+        want = block_reference(h[name], data.train.labels.numpy(), h_test[name],
                          data.test.labels.numpy(), k)
         for key in BLOCK_KEYS:
             assert kept[layer_key(name, key)] == pytest.approx(want[key], rel=RTOL), (name, key)

@@ -26,7 +26,7 @@ from ncsweep.nc.centres import NearestCentreTally
 from ncsweep.nc.classstats import ClassStats
 from ncsweep.nc.layers import LayerMetrics, data_separation_fit, layer_key
 from ncsweep.nc.probe import capture
-from tests.support import run_two_ranks
+from tests.support import block_reference, run_two_ranks
 
 K = 4
 N_TRAIN, N_TEST = 44, 26
@@ -79,29 +79,6 @@ def own_features(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     return out
 
 
-def reference(h: np.ndarray, y: np.ndarray, h_test: np.ndarray, y_test: np.ndarray) -> dict:
-    """The formulas of docs/metrics.md, written out in numpy float64."""
-    n, d = h.shape
-    mu = np.stack([h[y == k].mean(axis=0) for k in range(K)])
-    mu_g = h.mean(axis=0)
-    dev = h - mu[y]
-    sigma_w = dev.T @ dev / n
-    m = mu - mu_g
-    sigma_b = m.T @ m / K
-    pinv = np.linalg.pinv(sigma_b, rcond=max(d, K) * np.finfo(np.float64).eps, hermitian=True)
-    var = np.array([np.square(dev[y == k]).sum(axis=1).mean() for k in range(K)])
-    cdnv = np.mean([(var[a] + var[b]) / (2 * np.square(mu[a] - mu[b]).sum())
-                    for a in range(K) for b in range(a + 1, K)])
-
-    def ncc(feats: np.ndarray, labels: np.ndarray) -> float:
-        dist = np.square(feats[:, None, :] - mu[None]).sum(axis=2)
-        return float((dist.argmin(axis=1) == labels).mean())
-
-    return {"nc1": np.trace(sigma_w @ pinv) / K, "cdnv": cdnv,
-            "trace_ratio": np.trace(sigma_w) / np.trace(sigma_b),
-            "ncc_acc_train": ncc(h, y), "ncc_acc_test": ncc(h_test, y_test)}
-
-
 @torch.no_grad()
 def run_layers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
                y_test: torch.Tensor, max_feature_bytes: int = 2**30) -> tuple[dict, LayerMetrics]:
@@ -141,7 +118,8 @@ def test_block_metrics_equal_an_independent_float64_computation(case):
     test = own_features(model, case["x_test"])
     assert list(train) == list(case["layers"].blocks)
     for name in train:
-        want = reference(train[name], case["y"].numpy(), test[name], case["y_test"].numpy())
+        want = block_reference(train[name], case["y"].numpy(), test[name], case["y_test"].numpy(),
+                               K)
         for metric in METRICS:
             assert got[layer_key(name, metric)] == pytest.approx(want[metric], rel=RTOL), \
                 (name, metric)
@@ -225,7 +203,7 @@ def test_nearest_centre_tallies_merge_by_addition():
     first.update(h[:25], y[:25])
     second.update(h[25:], y[25:])
     assert torch.equal(first.merge(second).tally, one.tally)
-    assert one.tally.tolist() == [round(reference(h, y, h, y)["ncc_acc_train"] * 60), 60]
+    assert one.tally.tolist() == [round(block_reference(h, y, h, y, K)["ncc_acc_train"] * 60), 60]
 
 
 def test_capture_removes_its_hooks_and_refuses_a_silent_block():
