@@ -99,13 +99,19 @@ def report(label: str, model: Network, data: DataBundle, batch: int, repeats: in
     times = timings(fns, repeats, device)
     column = 0 if device.type == "cuda" else 1
     best = {name: min(t[column] for t in ts) for name, ts in times.items()}
-    median = {name: statistics.median(t[0] for t in ts) for name, ts in times.items()}
     blocks = ", ".join(b.name for b in select_blocks(model, "all"))
     kind = "wall" if column == 0 else "CPU"
     print(f"{label} [{blocks}]: eval point without layers {best['none'] * 1e3:.1f} ms {kind}; "
-          + "; ".join(f"{name} {best[name] * 1e3:.1f} ms ({best[name] / best['none']:.3f}x; "
-                      f"wall medians {median[name] / median['none']:.3f}x)"
+          + "; ".join(f"{name} {best[name] * 1e3:.1f} ms ({paired(times, name, column):.3f}x "
+                      f"median of paired repeats; {best[name] / best['none']:.3f}x fastest)"
                       for name in ("all", "last")))
+
+
+def paired(times: dict[str, list[tuple[float, float]]], name: str, column: int) -> float:
+    """The median over repeats of (variant / none) within the same repeat: a slow spell of the
+    shared machine slows both sides of a pair, so it cancels where a ratio of minima can not."""
+    return statistics.median(t[column] / n[column]
+                             for t, n in zip(times[name], times["none"], strict=True))
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from ncsweep.config import validate
 from ncsweep.data import DataBundle, Split
 from ncsweep.heads import LearnedHead
 from ncsweep.losses import CrossEntropy
-from ncsweep.models import Network, ResNet
+from ncsweep.models import MLP, Network, ResNet
 from ncsweep.nc.blocks import select_blocks
 from ncsweep.nc.layers import BLOCK_KEYS, FIT_KEYS, layer_key
 from ncsweep.report import load
@@ -162,3 +162,38 @@ def test_evaluate_on_a_small_resnet_equals_pooled_float64_features_and_a_second_
             assert kept[layer_key(name, key)] == pytest.approx(want[key], rel=RTOL), (name, key)
     assert second == pytest.approx(kept, rel=1e-12)
     assert {k: v for k, v in kept.items() if not k.startswith("layers")} == plain
+
+
+def test_the_mlp_features_block_is_the_head_level_metrics_kept_or_streamed() -> None:
+    """The MLP's last block is the head's input: its keys come from the eval point's own NC
+    accumulator (no second copy), equal the float64 reference, and equal themselves when both
+    the accumulator and the blocks run a second pass; a block marked wrongly is refused."""
+    torch.manual_seed(0)
+    k, shape = 4, (1, 6, 6)
+    model = Network(MLP(shape, 12, width=16, depth=2), LearnedHead(k, 12)).eval()
+
+    def split(n: int, seed: int) -> Split:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % k
+        return Split(y[:, None, None, None] * 0.7 + torch.randn(n, *shape, generator=g), y)
+
+    data = DataBundle("blobs", k, shape, split(60, 1), split(28, 2))
+    blocks = select_blocks(model, "all")
+    assert [(b.name, b.head_input) for b in blocks] == [
+        ("hidden1", False), ("hidden2", False), ("features", True)]
+    kept = evaluate(model, CrossEntropy(), data, 16, 2**30, blocks)
+    streamed = evaluate(model, CrossEntropy(), data, 16, 0, blocks)
+    assert streamed == pytest.approx(kept, rel=1e-12)
+    h = mlp_block_features(model, data.train.inputs)
+    h_test = mlp_block_features(model, data.test.inputs)
+    for name in MLP_BLOCKS:
+        want = block_reference(h[name], data.train.labels.numpy(), h_test[name],
+                               data.test.labels.numpy(), k)
+        for key in BLOCK_KEYS:
+            assert kept[layer_key(name, key)] == pytest.approx(want[key], rel=RTOL), (name, key)
+    for key in ("nc1", "cdnv", "trace_ratio"):
+        assert kept[layer_key("features", key)] == kept[key]
+    wrong = [blocks[0]._replace(head_input=True), *blocks[1:2]]
+    with pytest.raises(RuntimeError, match="'hidden1' is marked as the head's input"):
+        evaluate(model, CrossEntropy(), data, 16, 2**30, wrong)
+

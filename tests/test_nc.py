@@ -19,6 +19,8 @@ from ncsweep.nc import (
     decisions,
     nc_metrics,
 )
+from ncsweep.nc.pairs import cdnv, symmetric_pairs
+from tests.support import block_reference
 
 COLLAPSE_KEYS = [k for k in COMPUTE_KEYS if k not in ("w_norm_mean", "m_norm_mean", "nc2_of")]
 SCALE_FREE_KEYS = [
@@ -523,6 +525,48 @@ def test_nc4_test_matches_direct_reference_streamed_over_batches():
     train_nc4 = HeldOutNC4(train, w, b)
     train_nc4.update(h)
     assert train_nc4.compute() == pytest.approx(nc_metrics(h, y, w, b)["nc4"], abs=1e-15)
+
+
+def test_nearest_centre_accuracy_of_the_nc4_decisions_equals_a_direct_reference():
+    h, y, w, b = random_problem(n=500, d=8, k=4, seed=17)
+    rng = np.random.default_rng(17)
+    h_test = 1.5 * rng.standard_normal((237, 8)) + h.mean(axis=0)
+    y_test = rng.integers(0, 4, 237)
+    want = block_reference(h, y, h_test, y_test, 4)
+    assert 0.3 < want["ncc_acc_train"] < 1.0 and 0.1 < want["ncc_acc_test"] < 0.9
+    kept, streamed = NCAccumulator(4), NCAccumulator(4, max_feature_bytes=0)
+    for idx in batches(len(y), rng):
+        kept.update(h[idx], y[idx])
+        streamed.update(h[idx], y[idx])
+    with pytest.raises(ValueError, match="known after compute"):
+        kept.nearest_centre_accuracy()
+    for idx in batches(len(y), rng):
+        streamed.update_predictions(h[idx], y[idx], w, b)
+    kept.compute(w, b)
+    streamed.compute(w, b)
+    assert kept.nearest_centre_accuracy() == want["ncc_acc_train"]
+    assert streamed.nearest_centre_accuracy() == want["ncc_acc_train"]
+    heldout, unlabelled = HeldOutNC4(kept, w, b), HeldOutNC4(kept, w, b)
+    for idx in np.array_split(np.arange(len(h_test)), [1, 50, 51, 200]):
+        heldout.update(torch.from_numpy(h_test[idx]), torch.from_numpy(y_test[idx]))
+        unlabelled.update(torch.from_numpy(h_test[idx]))
+    assert heldout.compute() == unlabelled.compute()
+    assert heldout.nearest_centre_accuracy() == want["ncc_acc_test"]
+    with pytest.raises(ValueError, match="needs labels with every update"):
+        unlabelled.nearest_centre_accuracy()
+
+
+def test_cdnv_from_exact_differences_equals_the_tiled_gram_path():
+    rng = np.random.default_rng(18)
+    m = torch.from_numpy(rng.standard_normal((9, 40)))
+    m[3] = m[2] + 1e-9  # a near pair, recomputed directly on the Gram path
+    variances = torch.from_numpy(rng.uniform(0.5, 2.0, 9))
+    norms = torch.linalg.vector_norm(m, dim=1)
+    tiled = symmetric_pairs(m, 4, "M M^T", norms=norms, variances=variances)["cdnv"]
+    assert float(cdnv(m, variances, 4)) == pytest.approx(float(tiled), rel=1e-12)
+    m[5] = m[1]
+    with pytest.raises(ValueError, match="classes 1 and 5 have identical means"):
+        cdnv(m, variances, 4)
 
 
 def test_nc4_test_refuses_bad_input():

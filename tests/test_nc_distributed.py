@@ -17,7 +17,7 @@ import torch
 
 from ncsweep import distributed
 from ncsweep.nc import COMPUTE_KEYS, HeldOutNC4, NCAccumulator, decisions, nc_metrics
-from tests.support import run_two_ranks
+from tests.support import block_reference, run_two_ranks
 
 K, D = 6, 9
 WORKER_TIMEOUT_S = 120
@@ -35,7 +35,8 @@ def problem(seed: int = 0) -> dict[str, np.ndarray]:
     w_low = rng.standard_normal((K, 4)) @ rng.standard_normal((4, D))
     shard0 = (np.arange(n) < 450) & (y != K - 1)
     return {"h": h, "y": y, "h_test": h_test, "w": w, "b": rng.standard_normal(K),
-            "w_low": w_low, "shard0": shard0, "test0": np.arange(333) < 120}
+            "w_low": w_low, "shard0": shard0, "test0": np.arange(333) < 120,
+            "y_test": rng.integers(0, K, 333)}
 
 
 def split(n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -67,11 +68,13 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         streamed.update_predictions(h[idx], y[idx], p["w_low"], p["b"])
     out["kept"] = kept.compute(p["w"], p["b"])
     out["streamed"] = streamed.compute(p["w_low"], p["b"])
+    out["ncc"] = [kept.nearest_centre_accuracy(), streamed.nearest_centre_accuracy()]
     out["lonely"] = lonely.compute(p["w"], p["b"])
     test_mine = p["test0"] if rank == 0 else ~p["test0"]
     heldout = HeldOutNC4(kept, p["w"], p["b"])
-    heldout.update(p["h_test"][test_mine])
+    heldout.update(p["h_test"][test_mine], p["y_test"][test_mine])
     out["nc4_test"] = heldout.compute()
+    out["ncc_test"] = heldout.nearest_centre_accuracy()
     out["sum"] = distributed.all_reduce_sum(torch.tensor([rank + 1.0])).item()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
@@ -103,6 +106,10 @@ def test_two_ranks_equal_one_process(two_ranks):
         heldout = HeldOutNC4(train, p["w"], p["b"])
         heldout.update(p["h_test"])
         assert out["nc4_test"] == heldout.compute()
+        want = block_reference(p["h"], p["y"], p["h_test"], p["y_test"], K)
+        want32 = block_reference(h32.double().numpy(), p["y"], p["h_test"], p["y_test"], K)
+        assert out["ncc"] == [want["ncc_acc_train"], want32["ncc_acc_train"]]
+        assert out["ncc_test"] == want["ncc_acc_test"]
         assert out["sum"] == 3.0
     assert two_ranks[0]["needs_before"] is False and two_ranks[1]["needs_before"] is True
     assert all(out["needs_after"] for out in two_ranks)
@@ -249,6 +256,10 @@ def test_nc4_test_with_float32_decisions_equals_float64_on_centre_near_ties(floa
     heldout = HeldOutNC4(train, w, b)
     heldout.update(h_test)
     assert heldout.compute() == want
+    labelled = HeldOutNC4(train, w, b)
+    labelled.update(h_test, np.zeros(len(h_test), dtype=np.int64))
+    labelled.compute()
+    assert labelled.nearest_centre_accuracy() == 1.0
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def nc_metrics(
 
 @dataclass
 class _Pass2:
-    """Running nc4 and nc4_rowspace disagreement counts of update_predictions, one classifier."""
+    """Running nc4 and nc4_rowspace disagreement counts of update_predictions, one classifier,
+    then the nearest-class-centre hits (``Predictions.mismatches`` with labels)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -115,6 +116,7 @@ class NCAccumulator:
         self._kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []
         self._kept_bytes = 0
         self._pass2: _Pass2 | None = None
+        self._ncc_hits: float | None = None
         self._reduced = False
         self._group: ProcessGroup | None = None
 
@@ -137,14 +139,14 @@ class NCAccumulator:
         if self._pass2 is None:
             basis = rowspace(w, weight_eps)
             predictions = Predictions.build(self._counts, self._means, w, b, basis, self._tile())
-            zero = torch.zeros(predictions.groups - 1, dtype=torch.int64, device=w.device)
+            zero = torch.zeros(predictions.groups, dtype=torch.int64, device=w.device)
             self._pass2 = _Pass2(w, b, basis, predictions, zero, torch.zeros_like(self._counts))
         elif not (torch.equal(w, self._pass2.weight) and torch.equal(b, self._pass2.bias)):
             raise ValueError(
                 "update_predictions got a different weight or bias than in its earlier calls; "
                 "use one classifier for the whole second pass"
             )
-        self._pass2.mismatches += self._pass2.predictions.mismatches(feats)
+        self._pass2.mismatches += self._pass2.predictions.mismatches(feats, labs)
         self._pass2.counts += torch.bincount(labs, minlength=self.num_classes).to(F64)
 
     def compute(self, weight: ArrayLike, bias: ArrayLike | None = None) -> dict[str, float]:
@@ -166,6 +168,13 @@ class NCAccumulator:
         values["nc4"], values["nc4_rowspace"] = self._nc4(w, b, basis, tile)
         stacked = torch.stack([values[k] for k in COMPUTE_KEYS]).cpu().tolist()
         return dict(zip(COMPUTE_KEYS, stacked, strict=True))
+
+    def nearest_centre_accuracy(self) -> float:
+        """The share of the train samples (all ranks) whose nearest train class mean is their
+        label, from the decisions behind nc4: known once ``compute`` has run."""
+        if self._ncc_hits is None:
+            raise ValueError("nearest_centre_accuracy is known after compute")
+        return self._ncc_hits / float(self._counts.sum())
 
     def merge(self, other: NCAccumulator) -> NCAccumulator:
         """A new accumulator over both inputs' data (Chan et al.'s merge); neither is changed.
@@ -297,16 +306,17 @@ class NCAccumulator:
             )
         else:
             predictions = Predictions.build(self._counts, self._means, w, b, basis, tile)
-            mismatches = sum((predictions.mismatches(f) for f, _ in self._kept),
-                             torch.zeros(predictions.groups - 1, dtype=torch.int64,
+            mismatches = sum((predictions.mismatches(f, y) for f, y in self._kept),
+                             torch.zeros(predictions.groups, dtype=torch.int64,
                                          device=w.device))
             counts = None
-        tally = torch.cat([mismatches.expand(2).to(F64),
+        tally = torch.cat([mismatches[:-1].expand(2).to(F64), mismatches[-1:].to(F64),
                            torch.zeros(0, dtype=F64, device=w.device) if counts is None
                            else counts])
         if self._reduced:
             tally = distributed.all_reduce_sum(tally.clone(), self._group)
-        if counts is not None and not torch.equal(tally[2:], self._counts):
+        self._ncc_hits = float(tally[2])
+        if counts is not None and not torch.equal(tally[3:], self._counts):
             raise ValueError(
                 "update_predictions saw class counts different from update's; "
                 "run the second pass over exactly the data of the first"
@@ -342,14 +352,22 @@ class HeldOutNC4:
         self._like = train._means.new_empty((0, train._means.shape[1]))
         self._predictions = Predictions.build(train._counts, train._means, w, b, None,
                                                train._tile())
-        self._mismatches = torch.zeros(1, dtype=torch.int64, device=w.device)
-        self._samples = 0
+        self._mismatches = torch.zeros(2, dtype=torch.int64, device=w.device)
+        self._samples = self._labelled = 0
+        self._ncc: tuple[float, float, float] | None = None
         self._reduced, self._group = train._reduced, train._group
 
-    def update(self, features: ArrayLike) -> None:
-        """Add a batch of held-out features (N, d), any size or dtype; labels are not needed."""
+    def update(self, features: ArrayLike, labels: ArrayLike | None = None) -> None:
+        """Add a batch of held-out features (N, d), any size or dtype; nc4_test needs no
+        labels, and with them the nearest-class-centre hits are counted too."""
         feats = as_features(features, self._like)
-        self._mismatches += self._predictions.mismatches(feats)
+        if labels is None:
+            self._mismatches[0] += self._predictions.mismatches(feats)[0]
+        else:
+            labs = as_tensor(labels, feats.device)
+            check_labels(labs, feats.shape, self._predictions.proj.shape[1])
+            self._mismatches += self._predictions.mismatches(feats, labs.long())
+            self._labelled += feats.shape[0]
         self._samples += feats.shape[0]
 
     def merge(self, other: HeldOutNC4) -> HeldOutNC4:
@@ -364,15 +382,28 @@ class HeldOutNC4:
         out = copy.copy(self)
         out._mismatches = self._mismatches + other._mismatches.to(self._mismatches.device)
         out._samples = self._samples + other._samples
+        out._labelled = self._labelled + other._labelled
         return out
 
     def compute(self) -> float:
         """The fraction of held-out samples seen so far where the two predictions differ."""
         tally = torch.cat([self._mismatches.to(F64),
-                           torch.tensor([self._samples], dtype=F64, device=self._like.device)])
+                           torch.tensor([self._samples, self._labelled], dtype=F64,
+                                        device=self._like.device)])
         if self._reduced:
             tally = distributed.all_reduce_sum(tally, self._group)
-        mismatches, samples = tally.tolist()
+        mismatches, hits, samples, labelled = tally.tolist()
         if samples == 0:
             raise ValueError("nc4_test needs data: call update with at least one sample first")
+        self._ncc = (hits, labelled, samples)
         return mismatches / samples
+
+    def nearest_centre_accuracy(self) -> float:
+        """The share of the labelled held-out samples (all ranks) whose nearest train class
+        mean is their label: known once ``compute`` has run, and only if every batch had labels."""
+        if self._ncc is None:
+            raise ValueError("nearest_centre_accuracy is known after compute")
+        hits, labelled, samples = self._ncc
+        if labelled != samples:
+            raise ValueError("nearest_centre_accuracy needs labels with every update")
+        return hits / labelled

@@ -33,11 +33,16 @@ Named = list[tuple[str, nn.Module]]
 
 
 class Block(NamedTuple):
-    """A named block: the module whose output is measured, and its depth in the architecture."""
+    """A named block: the module whose output is measured, and its depth in the architecture.
+
+    ``head_input``: the module's output tensor is the backbone's output itself (the MLP's last
+    layer), so the block's metrics are the feature-layer metrics the eval point computes anyway.
+    """
 
     name: str
     module: nn.Module
     depth: int
+    head_input: bool = False
 
 
 def named_blocks(model: nn.Module) -> list[Block]:
@@ -46,8 +51,19 @@ def named_blocks(model: nn.Module) -> list[Block]:
     for finder in (_resnet_blocks, _vgg_blocks, _mlp_blocks):
         found = finder(net)
         if found is not None:
-            return [Block(name, module, depth) for depth, (name, module) in enumerate(found)]
+            head = _head_input_module(net)
+            return [Block(name, module, depth, module is head)
+                    for depth, (name, module) in enumerate(found)]
     return []
+
+
+def _head_input_module(net: nn.Module) -> nn.Module | None:
+    """The module whose output the backbone returns unchanged: the last of the MLP's
+    ``layers``; None for the others, which pool or cast after their last block."""
+    layers = getattr(net, "layers", None)
+    if getattr(net, "kind", None) == "mlp" and isinstance(layers, nn.Sequential) and len(layers):
+        return layers[-1]
+    return None
 
 
 def select_blocks(model: nn.Module, selection: Any) -> list[Block]:

@@ -44,13 +44,17 @@ class NearestCentreTally:
         self.mu_g, self.proj, self.offsets = mu_g, 2.0 * m, -m.square().sum(dim=1)
         self.tally = torch.zeros(2, dtype=torch.int64, device=m.device)
 
-    def predict(self, features: ArrayLike) -> torch.Tensor:
-        """The index of the nearest class mean for each row of (N, d) features."""
+    def predict(self, features: ArrayLike, overwrite: bool = False) -> torch.Tensor:
+        """The index of the nearest class mean for each row of (N, d) features; ``overwrite``
+        lets a float64 batch be centred in place (features the caller hands over)."""
         feats = as_features(features, self.proj)
         k, d = self.proj.shape
         rows = max(1, min(BLOCK_ELEMENTS // k, CHUNK_ELEMENTS // max(d, 1)))
+        chunks = (((slice(lo, lo + rows), feats[lo:lo + rows])
+                   for lo in range(0, feats.shape[0], rows))
+                  if overwrite and feats.dtype == F64 else float64_chunks(feats, rows))
         out = []
-        for _, x in float64_chunks(feats, rows):
+        for _, x in chunks:
             scores = torch.addmm(self.offsets[None], x.sub_(self.mu_g), self.proj.T)
             if not bool(torch.isfinite(scores).all()):
                 raise ValueError("features contain NaN or inf")
@@ -59,9 +63,10 @@ class NearestCentreTally:
             return torch.zeros(0, dtype=torch.int64, device=self.proj.device)
         return torch.cat(out)
 
-    def update(self, features: ArrayLike, labels: ArrayLike) -> None:
-        """Count the batch's samples and those whose nearest class mean is their label."""
-        predicted = self.predict(features)
+    def update(self, features: ArrayLike, labels: ArrayLike, overwrite: bool = False) -> None:
+        """Count the batch's samples and those whose nearest class mean is their label
+        (``overwrite``: as for ``predict``)."""
+        predicted = self.predict(features, overwrite)
         labs = as_tensor(labels, predicted.device)
         check_labels(labs, torch.Size((predicted.shape[0], self.proj.shape[1])),
                      self.proj.shape[0])

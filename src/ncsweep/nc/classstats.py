@@ -2,11 +2,11 @@
 
 Pass 1 keeps O(K d) per layer, class counts and float64 class sums, which add across
 batches, accumulators and ranks. Everything squared waits for the final class means, so each
-feature is centred by its exact class mean before squaring (``Within``): per-class squared
+feature is centred by its exact class mean before squaring (``Deviations``): per-class squared
 deviations (cdnv, tr(Sigma_W)) and, for nc1, Sigma_W only where Sigma_B^+ lives, the span of
 the centred class means: with v_j the rows of ``between_inverse`` (min(K-1, d) of them),
 tr(Sigma_W Sigma_B^+) = sum_j (v_j^T Sigma_W v_j) inverse_j. That is O(N d K) work instead of a
-d x d scatter's O(N d^2).
+d x d scatter's O(N d^2). The same centred pass decides the nearest-class-centre hits.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from ncsweep import distributed
 from ncsweep.nc.geometry import between_inverse, centred_means, separation_metrics
 from ncsweep.nc.tensors import (
+    CHUNK_ELEMENTS,
     F64,
     ArrayLike,
     as_features,
@@ -54,36 +55,61 @@ class Moments(NamedTuple):
         return self.sums / self.counts.clamp(min=1)[:, None]
 
 
-class Within:
-    """Per-class sums of ||h - mu_y||^2 and sums of (v_j . (h - mu_y))^2 over the train
-    features, against fixed (final) class means mu and the rows v_j of ``between_inverse``:
-    N tr(Sigma_W) split by class, and N v_j^T Sigma_W v_j. Both add across batches and ranks."""
+class Deviations:
+    """The train features' deviations x = h - mu_y from their final class means, in one pass:
+    per-class sums of ||x||^2 (N tr(Sigma_W) by class), sums of (v_j . x)^2 over the rows v_j
+    of ``between_inverse`` (N v_j^T Sigma_W v_j), and the nearest-class-centre hits.
+
+    The nearest centre maximises 2 (h - mu_G).M_k - ||M_k||^2 (``ncsweep.nc.centres``), which
+    is 2 x.M_k + (2 M_y.M_k - ||M_k||^2) in the deviations, so one product x [V; 2M]^T and a
+    K x K table give both without a second copy of the features. All sums add across batches
+    and ranks.
+    """
 
     def __init__(self, state: Moments) -> None:
         self.counts, self.means = state.counts, state.means
-        self.basis = between_inverse(centred_means(self.counts, self.means)[1], self.counts)[0]
+        m = centred_means(self.counts, self.means)[1]
+        self.basis, self.inverse = between_inverse(m, self.counts)
+        self.table = 2.0 * (m @ m.T) - m.square().sum(dim=1)
+        self.directions = torch.cat([self.basis, 2.0 * m]).T.contiguous()
         self.sq_dev = torch.zeros_like(self.counts)
         self.projected = torch.zeros(self.basis.shape[0], dtype=F64, device=self.means.device)
+        self.tally = torch.zeros(2, dtype=torch.int64, device=self.means.device)
 
-    def update(self, features: ArrayLike, labels: ArrayLike) -> None:
-        """Add a batch of (N, d) features, centred by their class means before squaring."""
+    def update(self, features: ArrayLike, labels: ArrayLike, overwrite: bool = False) -> None:
+        """Add a batch of (N, d) features, centred by their class means before squaring.
+
+        ``overwrite=True`` lets a float64 batch be centred in place (features the caller hands
+        over); any other batch is copied to float64 in row chunks."""
         feats = as_features(features, self.means)
         labs = as_tensor(labels, feats.device)
         k = self.means.shape[0]
         check_labels(labs, feats.shape, k)
         labs = labs.long()
-        for rows, x in float64_chunks(feats):
+        step = max(1, CHUNK_ELEMENTS // max(feats.shape[1], 1))
+        chunks = (((slice(lo, lo + step), feats[lo:lo + step])
+                   for lo in range(0, feats.shape[0], step))
+                  if overwrite and feats.dtype == F64 else float64_chunks(feats, step))
+        for rows, x in chunks:
+            y = labs[rows]
             if k <= ONEHOT_MAX_CLASSES:  # a thin product beats gathering an N x d block
-                x.addmm_(torch.nn.functional.one_hot(labs[rows], k).to(F64), self.means,
-                         alpha=-1.0)
+                x.addmm_(torch.nn.functional.one_hot(y, k).to(F64), self.means, alpha=-1.0)
             else:
-                x.sub_(self.means[labs[rows]])
-            self.projected += (x @ self.basis.T).square().sum(dim=0)
-            self.sq_dev.index_add_(0, labs[rows], torch.linalg.vector_norm(x, dim=1).square())
+                x.sub_(self.means[y])
+            self.sq_dev.index_add_(0, y, torch.linalg.vector_norm(x, dim=1).square())
+            products = x @ self.directions  # one product for both: [V x, 2 M x]
+            projected, scores = products.split([self.basis.shape[0], k], dim=1)
+            self.projected += projected.square().sum(dim=0)
+            scores = scores + self.table[y]
+            if not bool(torch.isfinite(scores).all()):
+                raise ValueError("features contain NaN or inf")
+            hits = (scores.argmax(dim=1) == y).sum()
+            self.tally += torch.stack([hits, hits.new_tensor(y.numel())])
 
     def totals(self) -> torch.Tensor:
-        """The sums as one vector (projected, then sq_dev), for one all_reduce."""
-        return torch.cat([self.projected, self.sq_dev])
+        """The sums as one float64 vector (projected, sq_dev, then the hit tally), for one
+        all_reduce."""
+        return torch.cat([self.projected, self.sq_dev, self.tally.to(F64)])
 
 
 class ClassStats:
@@ -108,8 +134,11 @@ class ClassStats:
             self.state = Moments.zeros(self.num_classes, feats.shape[1], feats.device)
         labs = labs.long()
         sums = self.state.sums
-        for rows, x in float64_chunks(feats):
-            sums.index_add_(0, labs[rows], x)
+        if feats.dtype == F64:  # index_add_ reads it as it is: no float64 copy to make
+            sums.index_add_(0, labs, feats)
+        else:
+            for rows, x in float64_chunks(feats):
+                sums.index_add_(0, labs[rows], x)
         if not bool(torch.isfinite(sums).all()):
             raise ValueError("features contain NaN or inf")
         counts = self.state.counts + torch.bincount(labs, minlength=self.num_classes).to(F64)
@@ -165,10 +194,12 @@ class ClassStats:
             )
         return self.state
 
-    def metrics(self, totals: torch.Tensor, tile_size: int | None = None) -> dict[str, float]:
+    def metrics(self, totals: torch.Tensor, inverse: torch.Tensor,
+                tile_size: int | None = None) -> dict[str, float]:
         """nc1 = tr(Sigma_W Sigma_B^+) / K, the cdnv mean and tr(Sigma_W) / tr(Sigma_B), from
-        ``totals`` (``Within.totals`` over all train data against these final means);
-        ``tile_size`` overrides this object's (for callers that size one tile for many)."""
+        ``totals`` (``Deviations.totals`` over all train data against these final means, the
+        hit tally left out) and the ``Deviations.inverse`` of the same means; ``tile_size``
+        overrides this object's (for callers that size one tile for many)."""
         state = self.require_all_classes()
         means = state.means
         tile = (check_tile_size(tile_size) or self.tile_size
@@ -176,6 +207,6 @@ class ClassStats:
         projected, sq_dev = totals.to(means.device).split([len(totals) - self.num_classes,
                                                           self.num_classes])
         quadratic = projected / state.counts.sum()
-        values = separation_metrics(state.counts, means, sq_dev, quadratic, tile)
+        values = separation_metrics(state.counts, means, sq_dev, quadratic * inverse, tile)
         stacked = torch.stack([values[k] for k in SEPARATION_KEYS]).cpu().tolist()
         return dict(zip(SEPARATION_KEYS, stacked, strict=True))

@@ -89,15 +89,18 @@ class Predictions:
         """Number of score sets: the classifier, then one per centre set."""
         return self.proj.shape[0]
 
-    def mismatches(self, feats: torch.Tensor) -> torch.Tensor:
-        """Per centre set (M, then M P_W), the samples whose argmax W h + b is not the nearest."""
+    def mismatches(self, feats: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per centre set (M, then M P_W), the samples whose argmax W h + b is not the nearest;
+        with ``labels``, one more entry: the samples whose nearest centre M_k is their label
+        (the nearest-class-centre classifier's hits, decided by the same argmax)."""
         k = self.proj.shape[1]
         rows = min(max(self.tile, BLOCK_ELEMENTS // min(k, self.tile)),
                    max(1, CHUNK_ELEMENTS // self.proj.shape[2]))
-        count = torch.zeros(self.groups - 1, dtype=torch.int64, device=self.proj.device)
+        count = torch.zeros(self.groups - (labels is None), dtype=torch.int64,
+                            device=self.proj.device)
         rechecked = 0
         with ieee_float32_matmul():
-            for _, x in float64_chunks(feats, rows):
+            for chunk, x in float64_chunks(feats, rows):
                 x.sub_(self.mu_g)
                 if k < FLOAT32_MIN_CLASSES:  # the N x K product is cheap: decide in float64
                     decided = self._float64_decisions(x)
@@ -107,7 +110,9 @@ class Predictions:
                     if doubtful.numel():
                         decided[doubtful] = self._float64_decisions(x[doubtful])
                         rechecked += doubtful.numel()
-                count += (decided[:, 1:] != decided[:, :1]).sum(dim=0)
+                count[:self.groups - 1] += (decided[:, 1:] != decided[:, :1]).sum(dim=0)
+                if labels is not None:
+                    count[-1] += (decided[:, 1] == labels[chunk]).sum()
         logger.debug("nc4: %d of %d samples re-checked in float64", rechecked, feats.shape[0])
         return count
 

@@ -3,22 +3,30 @@ makes anyway (``ncsweep.training.evaluate``): no forward pass of its own while t
 features fit their budget.
 
 Inside ``with DepthProbe(blocks, K, budget) as depth:`` every forward pass of the model stores
-its blocks' pooled outputs; after each train batch ``depth.train(y)``, after the train pass
-``depth.reduce()`` (across ranks), on a second train pass (only if ``depth.needs_second_pass``)
-``depth.second(y)``, after each test batch ``depth.test(y)``, then ``depth.compute()``. With no
-blocks (the UFM, ``nc.layers=[]``) every call does nothing and ``compute`` is empty.
+its blocks' pooled outputs; after each train batch ``depth.train(features, y)``, after the
+train pass ``depth.reduce()`` (across ranks), on a second train pass (only if
+``depth.needs_second_pass``) ``depth.second(y)``, after each test batch ``depth.test(y)``, then
+``depth.compute(head)``. With no blocks (the UFM, ``nc.layers=[]``) every call does nothing and
+``compute`` is empty.
+
+A block whose output is the head's input itself (``Block.head_input``: the MLP's ``features``)
+is not measured twice: its keys are the feature-layer metrics of the same eval point, passed
+to ``compute`` as ``head`` (nc1, cdnv, trace_ratio, ncc_acc_train and, with test data,
+ncc_acc_test). Each train batch checks that its output is the very tensor the head received.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 import torch
+from torch import nn
 
 from ncsweep.nc.blocks import Block
-from ncsweep.nc.layers import LayerMetrics
+from ncsweep.nc.layers import BLOCK_KEYS, LayerMetrics, data_separation_fit, layer_key
 from ncsweep.nc.probe import BlockOutputs, capture
 
 
@@ -28,25 +36,40 @@ class DepthProbe:
     def __init__(self, blocks: Sequence[Block], num_classes: int,
                  max_feature_bytes: int) -> None:
         self.blocks = tuple(blocks)
-        self.metrics = (LayerMetrics([b.name for b in self.blocks], num_classes,
-                                     [b.depth for b in self.blocks], max_feature_bytes)
-                        if self.blocks else None)
+        self.shared = next((b for b in self.blocks if b.head_input), None)
+        self._own = [b for b in self.blocks if b is not self.shared]
+        self.metrics = (LayerMetrics([b.name for b in self._own], num_classes,
+                                     [b.depth for b in self._own], max_feature_bytes)
+                        if self._own else None)
         self.outputs: BlockOutputs | None = None
+        self._head_output: torch.Tensor | None = None
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> DepthProbe:
-        if self.blocks:
-            pairs = [(b.name, b.module) for b in self.blocks]
+        if self.metrics is not None:
+            pairs = [(b.name, b.module) for b in self._own]
             self.outputs = self._stack.enter_context(capture(pairs))
+        if self.shared is not None:
+            handle = self.shared.module.register_forward_hook(self._store_head_output)
+            self._stack.callback(handle.remove)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self._stack.close()
         self.outputs = None
+        self._head_output = None
 
-    def train(self, labels: torch.Tensor) -> None:
-        """The latest forward pass's block outputs as a train batch."""
+    def train(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """The latest forward pass's block outputs as a train batch; ``features``: the head's
+        input of that pass."""
+        if self.shared is not None:
+            output, self._head_output = self._head_output, None
+            if output is not features:
+                raise RuntimeError(
+                    f"block {self.shared.name!r} is marked as the head's input, but its output "
+                    "is not the tensor the head received in this forward pass"
+                )
         if self.metrics is not None and self.outputs is not None:
             self.metrics.update(self.outputs.take(), labels, copy=False)
 
@@ -64,13 +87,26 @@ class DepthProbe:
         """The latest forward pass's block outputs on the second train pass (the squared terms
         and ncc_acc_train), run where ``needs_second_pass`` was True after ``reduce``."""
         if self.metrics is not None and self.outputs is not None:
-            self.metrics.update_train_ncc(self.outputs.take(), labels)
+            self.metrics.update_train_ncc(self.outputs.take(), labels, copy=False)
 
     def test(self, labels: torch.Tensor) -> None:
         """The latest forward pass's block outputs as a test batch (ncc_acc_test)."""
         if self.metrics is not None and self.outputs is not None:
-            self.metrics.update_test(self.outputs.take(), labels)
+            self.metrics.update_test(self.outputs.take(), labels, copy=False)
 
-    def compute(self) -> dict[str, float]:
-        """Every block's keys and the data-separation fit; empty without blocks (collective)."""
-        return {} if self.metrics is None else self.metrics.compute()
+    def compute(self, head: Mapping[str, float]) -> dict[str, float]:
+        """Every block's keys and the data-separation fit; empty without blocks (collective).
+
+        ``head``: the feature-layer metrics of this eval point, the keys of a ``head_input``
+        block (those of BLOCK_KEYS it holds)."""
+        values = {} if self.metrics is None else self.metrics.block_values()
+        if self.shared is not None:
+            values |= {layer_key(self.shared.name, key): head[key]
+                       for key in BLOCK_KEYS if key in head}
+        if not self.blocks:
+            return values
+        nc1 = [values[layer_key(b.name, "nc1")] for b in self.blocks]
+        return values | data_separation_fit([b.depth for b in self.blocks], nc1)
+
+    def _store_head_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._head_output = output

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ncsweep.nc.pairs import cross_etf_distance, symmetric_pairs
+from ncsweep.nc.pairs import cdnv, cross_etf_distance, symmetric_pairs
 from ncsweep.nc.tensors import EPS
 
 
@@ -55,27 +55,23 @@ def separation_metrics(
     counts: torch.Tensor,
     means: torch.Tensor,
     sq_dev: torch.Tensor,
-    quadratic: torch.Tensor,
+    weighted: torch.Tensor,
     tile: int,
 ) -> dict[str, torch.Tensor]:
     """nc1, cdnv and trace_ratio, the keys that need no classifier, so any layer has them.
 
-    ``quadratic`` holds v^T Sigma_W v for each row v of ``between_inverse``'s basis, so no
-    d x d Sigma_W is needed; tr(Sigma_W) is sum(sq_dev) / N. They equal ``geometry_metrics``'
-    keys of the same name; a zero row of M (a class mean at the global mean) is allowed here,
-    since none of the three needs its direction.
+    ``weighted`` holds v^T Sigma_W v times the inverted eigenvalue for each row v of
+    ``between_inverse``'s basis, so no d x d Sigma_W is needed; tr(Sigma_W) is sum(sq_dev) / N.
+    They equal ``geometry_metrics``' keys of the same name; a zero row of M (a class mean at the
+    global mean) is allowed here, since none of the three needs its direction.
     """
     m = centred_means(counts, means)[1]
     trace_b = m.square().sum() / m.shape[0]
     if float(trace_b) == 0.0:
         raise ValueError("all class means coincide: Sigma_B is zero, so nc1 is undefined")
-    norms = torch.linalg.vector_norm(m, dim=1)
-    pairs = symmetric_pairs(m, tile, "M M^T", norms=torch.where(norms > 0, norms, 1.0),
-                            variances=sq_dev / counts)
-    inverse = between_inverse(m, counts)[1]
     return {
-        "nc1": (quadratic * inverse).sum() / m.shape[0],
-        "cdnv": pairs["cdnv"],
+        "nc1": weighted.sum() / m.shape[0],
+        "cdnv": cdnv(m, sq_dev / counts, tile),
         "trace_ratio": sq_dev.sum() / counts.sum() / trace_b,
     }
 

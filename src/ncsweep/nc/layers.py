@@ -18,9 +18,9 @@ Keys, for each block ``<block>`` (names per architecture: ``ncsweep.nc.blocks``)
 The formulas and conventions are those of ``ncsweep.nc`` (float64, the pseudo-inverse cut-off);
 a block's nc1, cdnv and trace_ratio equal ``nc_metrics``' keys of the same name on that block's
 features. Pass 1 keeps only class counts and sums (``ncsweep.nc.classstats``); the squared terms
-come from the kept train features, or the second pass, once the class means are final, so no
-d x d scatter is formed. Convolutional outputs enter as per-channel means
-(``ncsweep.nc.probe``).
+and ncc_acc_train come from one centred pass (``Deviations``) over the kept train features, or
+the second pass, once the class means are final, so no d x d scatter is formed. Convolutional
+outputs enter as per-channel means (``ncsweep.nc.probe``).
 
 Use, in the eval passes the run already makes (no extra forward pass while the kept block
 features fit ``max_feature_bytes``)::
@@ -31,7 +31,8 @@ features fit ``max_feature_bytes``)::
         for x, y in train_batches: model(x); layers.update(outputs.take(), y, copy=False)
         layers.all_reduce()                   # across ranks; a no-op in one process
         if layers.needs_second_pass:          # the kept block features outgrew their budget
-            for x, y in train_batches: model(x); layers.update_train_ncc(outputs.take(), y)
+            for x, y in train_batches:
+                model(x); layers.update_train_ncc(outputs.take(), y, copy=False)
         for x, y in test_batches: model(x); layers.update_test(outputs.take(), y)
     row |= layers.compute()                   # collective after all_reduce
 """
@@ -48,8 +49,8 @@ import torch
 
 from ncsweep import distributed
 from ncsweep.nc.centres import NearestCentreTally, accuracy
-from ncsweep.nc.classstats import ClassStats, Within
-from ncsweep.nc.tensors import ArrayLike, as_tensor, check_tile_size, default_tile_size
+from ncsweep.nc.classstats import ClassStats, Deviations
+from ncsweep.nc.tensors import F64, ArrayLike, as_tensor, check_tile_size, default_tile_size
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -91,9 +92,9 @@ def data_separation_fit(depths: Sequence[float], nc1: Sequence[float]) -> dict[s
 
 class LayerMetrics:
     """The per-block metrics of one model over the eval passes: one ``ClassStats`` per block,
-    the blocks' train features kept for the ``Within`` sums and ``ncc_acc_train`` while within
-    ``max_feature_bytes`` (else a second pass), and ``NearestCentreTally`` counts for the train
-    and test splits.
+    the blocks' train features kept for the ``Deviations`` pass (the squared terms and
+    ``ncc_acc_train``) while within ``max_feature_bytes`` (else a second pass), and
+    ``NearestCentreTally`` counts for the test split.
 
     Across ranks: ``update`` with the rank's shard, ``all_reduce()``, the second pass if
     needed, ``update_test``, then ``compute`` on every rank (collective).
@@ -114,8 +115,7 @@ class LayerMetrics:
         self.stats = {name: ClassStats(num_classes, tile_size) for name in self.blocks}
         self._kept: list[tuple[dict[str, torch.Tensor], torch.Tensor]] | None = []
         self._kept_bytes = 0
-        self._train: dict[str, NearestCentreTally] | None = None
-        self._within: dict[str, Within] | None = None
+        self._deviations: dict[str, Deviations] | None = None
         self._test: dict[str, NearestCentreTally] | None = None
         self._reduced = False
         self._group: ProcessGroup | None = None
@@ -124,8 +124,9 @@ class LayerMetrics:
                copy: bool = True) -> None:
         """Add a train batch: each block's (N, d_block) features and the batch's labels.
 
-        ``copy=False`` keeps the given tensors themselves for ncc_acc_train (no copy): for
-        features nothing else will change, such as ``BlockOutputs.take()``'s.
+        ``copy=False`` hands the tensors over (no copy): they are kept as they are and centred
+        in place at ``compute``, for features nothing else reads, such as
+        ``BlockOutputs.take()``'s.
         """
         if self._frozen:
             raise ValueError("update after all_reduce or after scoring began: finish the train "
@@ -135,21 +136,28 @@ class LayerMetrics:
             self.stats[name].update(feats, labels)
         self._keep(batch, labels, copy)
 
-    def update_train_ncc(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
+    def update_train_ncc(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
+                         copy: bool = True) -> None:
         """Second pass over the same train data: ncc_acc_train and the within-class sums of
-        nc1, both against the final class means."""
+        nc1, both against the final class means; ``copy=False`` hands the tensors over (a
+        float64 batch is centred in place)."""
         if self._kept is not None:
             raise ValueError("update_train_ncc is for a second pass; the train features were "
                              "kept (needs_second_pass is False)")
-        self._train = self._score(self._train, features, labels)
-        if self._within is None:
-            self._within = self._new_within()
+        if self._deviations is None:
+            self._deviations = self._new_deviations()
         for name, feats in self._batch(features, labels).items():
-            self._within[name].update(feats, labels)
+            self._deviations[name].update(feats, labels, overwrite=not copy)
 
-    def update_test(self, features: Mapping[str, ArrayLike], labels: ArrayLike) -> None:
-        """Add a test batch: ncc_acc_test against the train class means (pass 1 must be done)."""
-        self._test = self._score(self._test, features, labels)
+    def update_test(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
+                    copy: bool = True) -> None:
+        """Add a test batch: ncc_acc_test against the train class means (pass 1 must be done);
+        ``copy=False`` hands the tensors over (a float64 batch is centred in place)."""
+        if self._test is None:
+            self._test = {name: NearestCentreTally(self.stats[name].require_all_classes())
+                          for name in self.blocks}
+        for name, feats in self._batch(features, labels).items():
+            self._test[name].update(feats, labels, overwrite=not copy)
 
     def merge(self, other: LayerMetrics) -> LayerMetrics:
         """New metrics over both inputs' train data; both must still be in the train pass."""
@@ -187,7 +195,7 @@ class LayerMetrics:
     @property
     def needs_second_pass(self) -> bool:
         """True when the kept features outgrew the budget: run update_train_ncc before compute."""
-        return self._kept is None and self._train is None
+        return self._kept is None and self._deviations is None
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held in tensors: the blocks' moments and the kept train features."""
@@ -197,51 +205,53 @@ class LayerMetrics:
 
     def compute(self) -> dict[str, float]:
         """Every block's keys and the data-separation fit (collective after ``all_reduce``)."""
-        if not self.blocks:
+        values = self.block_values()
+        if not values:
             return {}
-        tile = self.tile_size
-        if tile is None:
-            device = self.stats[self.blocks[0]].require_all_classes().means.device
-            tile = default_tile_size(self.num_classes, device)
-        values: dict[str, float] = {}
-        for name, within in zip(self.blocks, self._within_sums(), strict=True):
-            for key, value in self.stats[name].metrics(within, tile).items():
-                values[layer_key(name, key)] = value
-        splits = {"ncc_acc_train": self._train_tallies()}
-        test = self._test if not self._reduced else self._test_everywhere()
-        if test is not None:
-            splits["ncc_acc_test"] = test
-        tally = torch.stack([split[name].tally.cpu() for split in splits.values()
-                             for name in self.blocks])
-        if self._reduced:
-            device = distributed.collective_device(self._group)
-            tally = distributed.all_reduce_sum(tally.to(device), self._group).cpu()
-        rows = iter(tally)
-        for key in splits:
-            for name in self.blocks:
-                values[layer_key(name, key)] = accuracy(next(rows))
         nc1 = [values[layer_key(name, "nc1")] for name in self.blocks]
         return values | data_separation_fit(self.depths, nc1)
 
-    def _new_within(self) -> dict[str, Within]:
-        """Empty within-class sums of every block, along its final between-class basis."""
-        return {name: Within(self.stats[name].require_all_classes()) for name in self.blocks}
+    def block_values(self) -> dict[str, float]:
+        """Every block's keys, without the fit (collective after ``all_reduce``)."""
+        if not self.blocks:
+            return {}
+        home = self.stats[self.blocks[0]].require_all_classes().means.device
+        tile = self.tile_size or default_tile_size(self.num_classes, home)
+        deviations = self._final_deviations()
+        totals = [deviations[name].totals() for name in self.blocks]
+        test = self._test if not self._reduced else self._test_everywhere()
+        if test is not None:
+            totals += [test[name].tally.to(F64) for name in self.blocks]
+        flat = torch.cat([t.to(home) for t in totals])
+        if self._reduced:
+            device = distributed.collective_device(self._group)
+            flat = distributed.all_reduce_sum(flat.to(device), self._group).to(home)
+        parts = torch.split(flat, [len(t) for t in totals])
+        values: dict[str, float] = {}
+        for name, part in zip(self.blocks, parts, strict=False):
+            sums, tally = part[:-2], part[-2:]
+            metrics = self.stats[name].metrics(sums, deviations[name].inverse, tile)
+            values |= {layer_key(name, key): value for key, value in metrics.items()}
+            values[layer_key(name, "ncc_acc_train")] = accuracy(tally)
+        for name, tally in zip(self.blocks, parts[len(self.blocks):], strict=True):
+            values[layer_key(name, "ncc_acc_test")] = accuracy(tally)
+        return values
 
-    def _within_sums(self) -> list[torch.Tensor]:
-        """Every block's ``Within.totals`` over all train data: from the second pass or the
-        kept features, summed over the ranks (collective after all_reduce)."""
-        within = self._within
-        if within is None:
-            within = self._new_within()
-            for batch, labels in self._require_kept():
+    def _new_deviations(self) -> dict[str, Deviations]:
+        """Empty centred-pass sums of every block, against its final class means."""
+        return {name: Deviations(self.stats[name].require_all_classes()) for name in self.blocks}
+
+    def _final_deviations(self) -> dict[str, Deviations]:
+        """Every block's ``Deviations`` over this rank's train data: from the second pass, or
+        from the kept features, centred in place (they are this object's) and then let go."""
+        if self._deviations is None:
+            kept = self._require_kept()
+            self._deviations = self._new_deviations()
+            for batch, labels in kept:
                 for name, feats in batch.items():
-                    within[name].update(feats, labels)
-        sums = [within[name].totals() for name in self.blocks]
-        if not self._reduced:
-            return sums
-        device = distributed.collective_device(self._group)
-        total = distributed.all_reduce_sum(torch.cat(sums).to(device), self._group)
-        return list(torch.split(total.cpu(), [len(s) for s in sums]))
+                    self._deviations[name].update(feats, labels, overwrite=True)
+            self._kept, self._kept_bytes = None, 0
+        return self._deviations
 
     def _test_everywhere(self) -> dict[str, NearestCentreTally] | None:
         """The test tallies, empty ones on a rank without test batches where another rank had
@@ -256,7 +266,7 @@ class LayerMetrics:
 
     @property
     def _frozen(self) -> bool:
-        return self._reduced or self._train is not None or self._test is not None
+        return self._reduced or self._deviations is not None or self._test is not None
 
     def _batch(self, features: Mapping[str, ArrayLike],
                labels: ArrayLike) -> dict[str, torch.Tensor]:
@@ -288,17 +298,6 @@ class LayerMetrics:
         self._kept.append((batch, labs))
         self._kept_bytes += size
 
-    def _score(self, tallies: dict[str, NearestCentreTally] | None,
-               features: Mapping[str, ArrayLike],
-               labels: ArrayLike) -> dict[str, NearestCentreTally]:
-        """Tallies updated with one batch, made on first use from the final train means."""
-        if tallies is None:
-            tallies = {name: NearestCentreTally(self.stats[name].require_all_classes())
-                       for name in self.blocks}
-        for name, feats in self._batch(features, labels).items():
-            tallies[name].update(feats, labels)
-        return tallies
-
     def _require_kept(self) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """The kept train batches, refused when they outgrew the budget and no second pass ran."""
         if self._kept is None:
@@ -308,14 +307,3 @@ class LayerMetrics:
                 f"update_train_ncc over the same train data before compute"
             )
         return self._kept
-
-    def _train_tallies(self) -> dict[str, NearestCentreTally]:
-        """The train tallies: from the second pass, or scored now on the kept features."""
-        if self._train is not None:
-            return self._train
-        tallies = {name: NearestCentreTally(self.stats[name].require_all_classes())
-                   for name in self.blocks}
-        for batch, labels in self._require_kept():
-            for name, feats in batch.items():
-                tallies[name].update(feats, labels)
-        return tallies

@@ -226,6 +226,24 @@ def symmetric_pairs(
     return out
 
 
+def cdnv(m: torch.Tensor, variances: torch.Tensor, tile: int) -> torch.Tensor:
+    """The mean over pairs k < l of (var_k + var_l) / (2 ||m_k - m_l||^2): from the exact
+    differences where the K x K x d block is small, else from the tiled Gram (``_Cdnv``)."""
+    k, d = m.shape
+    if k * k * d > BLOCK_ELEMENTS:
+        norms = torch.linalg.vector_norm(m, dim=1)
+        return symmetric_pairs(m, tile, "M M^T", norms=torch.where(norms > 0, norms, 1.0),
+                               variances=variances)["cdnv"]
+    i, j = torch.triu_indices(k, k, 1, device=m.device)
+    dist = (m[i] - m[j]).square().sum(dim=1)
+    zero = torch.nonzero(dist == 0).flatten()
+    if zero.numel():
+        first = int(zero[0])
+        raise ValueError(f"classes {int(i[first])} and {int(j[first])} have identical means, "
+                         "so cdnv is undefined")
+    return ((variances[i] + variances[j]) / (2.0 * dist)).mean()
+
+
 def cross_etf_distance(
     a: torch.Tensor, b: torch.Tensor, tile: int, name: str,
     grams_dd: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -5,8 +5,8 @@ global average pooling is the standard reduction of a feature map in the layer-w
 literature (it is what the network's own head sees after its last stage), its width C does not
 depend on the input size, and the full map would be C*H*W-dimensional (64 x 32 x 32 = 65,536
 features at ResNet18's first stage on 32 x 32 inputs: 512 KiB of float64 per sample). Any other
-output is flattened to (N, -1) and copied, so later in-place operations of the network cannot
-change it.
+output is flattened to (N, -1) and copied to float64, so later in-place operations of the
+network cannot change it and the metrics centre it in place without a copy of their own.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from torch import nn
 
 
 def pool(output: torch.Tensor) -> torch.Tensor:
-    """A block's output as (N, features): float64 per-channel means of a 4-D map, else a
-    flattened copy."""
+    """A block's output as (N, features) in float64: per-channel means of a 4-D map, else a
+    flattened copy (the one float64 copy the metrics need)."""
     output = output.detach()
     if output.ndim == 4:
         return output.mean(dim=(2, 3), dtype=torch.float64)
-    return output.flatten(1).clone()
+    flat = output.flatten(1)
+    return flat.to(torch.float64, copy=True).contiguous()
 
 
 class BlockOutputs:

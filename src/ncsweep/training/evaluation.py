@@ -86,13 +86,18 @@ def _passes(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_s
         heldout = [HeldOutNC4(acc, weight, bias) for acc in (accumulator, clean)
                    if acc is not None]
         row.update(_split_metrics(model, loss_fn, _shard(data.test), eval_batch_size, "test",
-                                  heldout=heldout, minority=minority, on_batch=depth.test))
+                                  heldout=heldout, minority=minority,
+                                  on_batch=lambda features, y: depth.test(y)))
         row["nc4_test"] = heldout[0].compute()
         if clean is not None:
             row["nc4_test_clean"] = heldout[1].compute()
     if minority is not None and len(minority) >= 2:
         row["minority_collapse"] = minority_collapse(weight, minority)
-    row.update(depth.compute())
+    head = {key: row[key] for key in ("nc1", "cdnv", "trace_ratio")}
+    head["ncc_acc_train"] = accumulator.nearest_centre_accuracy()
+    if data.test is not None:
+        head["ncc_acc_test"] = heldout[0].nearest_centre_accuracy()
+    row.update(depth.compute(head))
     return row
 
 
@@ -114,9 +119,10 @@ def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batc
                    prefix: str, accumulator: NCAccumulator | None = None,
                    heldout: Sequence[HeldOutNC4] = (), clean: NCAccumulator | None = None,
                    minority: Sequence[int] | None = None,
-                   on_batch: Callable[[torch.Tensor], None] = lambda labels: None) -> Row:
+                   on_batch: Callable[[torch.Tensor, torch.Tensor], None] = lambda f, y: None
+                   ) -> Row:
     """Loss and accuracy of one split; the clean-label and per-class tallies where asked;
-    ``on_batch(labels)`` after each batch's forward pass.
+    ``on_batch(features, labels)`` after each batch's forward pass.
 
     On several ranks each passes its shard and the tallies are summed over the ranks.
     """
@@ -130,12 +136,12 @@ def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batc
     start = 0
     for x, y in batches(split, eval_batch_size):
         features, logits = model.features_and_logits(x)
-        on_batch(y)
+        on_batch(features, y)
         predicted = logits.argmax(dim=1)
         if accumulator is not None:
             accumulator.update(features, y)
         for held in heldout:
-            held.update(features)
+            held.update(features, y)
         loss_sum += loss_fn(logits, y).double() * y.numel()
         hit = predicted == y
         correct += hit.sum()
