@@ -1,7 +1,7 @@
 """Cost of collapse through depth: an eval point with every block's metrics (``nc.layers=all``)
 against the same eval point without them (``nc.layers=[]``), and with the last block only.
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/depth.py [--repeats 5] [--resnet-train 512]
+Run: PYTHONPATH=src .venv/bin/python benchmarks/depth.py [--repeats 41] [--resnet-repeats 7]
 
 Two models, as ``Trainer.measure`` evaluates them (``ncsweep.training.evaluate``, one process):
 
@@ -11,10 +11,12 @@ Two models, as ``Trainer.measure`` evaluates them (``ncsweep.training.evaluate``
   (3 x 32 x 32, uint8 normalised per batch), eval batch 256.
 
 The variants alternate within one process (the order rotates every repeat). On the CPU the
-headline is the process's CPU time on one thread (``--threads 1``): on a shared machine wall
-time measures the other load as much as the eval point (two runs of the same script gave 1.1x
-and 1.7x), CPU time on one thread measures the work. Each ratio is of the fastest repeats (as
-``timeit`` advises), the ratio of the wall-clock medians beside it. On CUDA: wall time.
+clock is the process's CPU time on one thread (``--threads 1``): on a shared machine wall time
+measures the other load as much as the eval point. The headline ratio is the median over
+repeats of (variant / none) within the same repeat, with its quartiles: a slow spell of the
+machine slows both sides of a pair, where a ratio of two minima taken at different moments
+swung from 1.2x to 1.6x between runs of one build. The ratio of the fastest repeats is printed
+beside it. On CUDA: wall time.
 """
 
 from __future__ import annotations
@@ -99,24 +101,26 @@ def report(label: str, model: Network, data: DataBundle, batch: int, repeats: in
     times = timings(fns, repeats, device)
     column = 0 if device.type == "cuda" else 1
     best = {name: min(t[column] for t in ts) for name, ts in times.items()}
+    median = statistics.median(t[column] for t in times["none"])
     blocks = ", ".join(b.name for b in select_blocks(model, "all"))
     kind = "wall" if column == 0 else "CPU"
-    print(f"{label} [{blocks}]: eval point without layers {best['none'] * 1e3:.1f} ms {kind}; "
-          + "; ".join(f"{name} {best[name] * 1e3:.1f} ms ({paired(times, name, column):.3f}x "
-                      f"median of paired repeats; {best[name] / best['none']:.3f}x fastest)"
-                      for name in ("all", "last")))
+    print(f"{label} [{blocks}], {repeats} repeats: eval point without layers "
+          f"{median * 1e3:.1f} ms {kind} (median); "
+          + "; ".join(f"{name} {paired(times, name, column)} "
+                      f"(fastest {best[name] / best['none']:.3f}x)" for name in ("all", "last")))
 
 
-def paired(times: dict[str, list[tuple[float, float]]], name: str, column: int) -> float:
-    """The median over repeats of (variant / none) within the same repeat: a slow spell of the
-    shared machine slows both sides of a pair, so it cancels where a ratio of minima can not."""
-    return statistics.median(t[column] / n[column]
-                             for t, n in zip(times[name], times["none"], strict=True))
+def paired(times: dict[str, list[tuple[float, float]]], name: str, column: int) -> str:
+    """The median and quartiles over repeats of (variant / none) within the same repeat."""
+    ratios = [t[column] / n[column] for t, n in zip(times[name], times["none"], strict=True)]
+    low, mid, high = statistics.quantiles(ratios, n=4)
+    return f"{mid:.3f}x (quartiles {low:.3f}-{high:.3f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=41, help="digits MLP repeats")
+    parser.add_argument("--resnet-repeats", type=int, default=7)
     parser.add_argument("--resnet-train", type=int, default=512)
     parser.add_argument("--resnet-test", type=int, default=256)
     parser.add_argument("--device", default="cpu")
@@ -125,15 +129,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.repeats} repeats")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.only in (None, "digits"):
         report("digits MLP (1,437 train, 360 test, batch 4,096)", *digits_case(device),
                args.repeats, device)
     if args.only in (None, "resnet18"):
         model, data, batch = resnet_case(device, args.resnet_train, args.resnet_test)
         report(f"ResNet18 3x32x32 ({args.resnet_train} train, {args.resnet_test} test, "
-               f"batch {batch})", model, data, batch, args.repeats, device)
+               f"batch {batch})", model, data, batch, args.resnet_repeats, device)
 
 
 if __name__ == "__main__":

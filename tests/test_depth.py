@@ -99,7 +99,7 @@ def test_a_name_that_is_not_a_block_is_one_line(tmp_path: Path) -> None:
     result = run_cli([*FAST, "nc.layers=[hidden1,stage3]"], tmp_path, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip() == (
-        "ncsweep: error: nc.layers='stage3' is not allowed: auto, all, last, or a list of this "
+        "ncsweep: error: nc.layers='stage3' is not allowed: all, last, or a list of this "
         "architecture's blocks: hidden1, hidden2, features")
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("**/checkpoint.pt"))

@@ -233,9 +233,8 @@ def test_selection_and_the_one_line_refusal():
     chosen = select_blocks(model, ["stage3", "stem"])
     assert [(b.name, b.depth) for b in chosen] == [("stem", 0), ("stage3", 3)]
     assert select_blocks(model, []) == [] and select_blocks(model, None) == []
-    # auto, the default: every block where they cost little (a convolutional backbone), else none
-    assert select_blocks(model, "auto") == select_blocks(model, "all")
-    assert select_blocks(make_mlp(), "auto") == []
+    assert [b.name for b in select_blocks(make_mlp(), "all")] == ["hidden1", "hidden2",
+                                                                   "features"]
     for bad, shown in ((["stage3", "layer9"], "layer9"), ("every", "every"), (3, "3")):
         with pytest.raises(ConfigError) as err:
             select_blocks(model, bad)

@@ -26,7 +26,6 @@ from torch import nn
 from ncsweep.errors import ConfigError
 
 KEY = "nc.layers"
-SELECTIONS = ("all", "last")
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 Named = list[tuple[str, nn.Module]]
@@ -67,17 +66,12 @@ def _head_input_module(net: nn.Module) -> nn.Module | None:
 
 
 def select_blocks(model: nn.Module, selection: Any) -> list[Block]:
-    """The blocks ``nc.layers`` asks for: ``all``, ``last``, ``auto`` (all where the blocks cost
-    little next to the forward pass: convolutional backbones; none for the MLP, whose eval point
-    they would slow by more than 1.25x), or a list of block names (kept in forward order; an
-    empty list or null: none). A name that is not a block is refused."""
+    """The blocks ``nc.layers`` asks for: ``all``, ``last``, or a list of block names (kept in
+    forward order; an empty list or null: none). A name that is not a block is refused."""
     blocks = named_blocks(model)
     if selection is None:
         return []
     if isinstance(selection, str):
-        if selection == "auto":
-            backbone = getattr(model, "backbone", model)
-            return blocks if getattr(backbone, "kind", None) == "vision" else []
         if selection == "all":
             return blocks
         if selection == "last":
@@ -95,9 +89,9 @@ def select_blocks(model: nn.Module, selection: Any) -> list[Block]:
 
 def _allowed(blocks: Sequence[Block]) -> str:
     if not blocks:
-        return ("auto, all, last, [] or null: this architecture has no blocks, so it logs no "
+        return ("all, last, [] or null: this architecture has no blocks, so it logs no "
                 "layers")
-    return ("auto, all, last, or a list of this architecture's blocks: "
+    return ("all, last, or a list of this architecture's blocks: "
             + ", ".join(block.name for block in blocks))
 
 

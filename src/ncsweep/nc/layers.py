@@ -96,8 +96,11 @@ class LayerMetrics:
     ``ncc_acc_train``) while within ``max_feature_bytes`` (else a second pass), and
     ``NearestCentreTally`` counts for the test split.
 
-    Across ranks: ``update`` with the rank's shard, ``all_reduce()``, the second pass if
-    needed, ``update_test``, then ``compute`` on every rank (collective).
+    Batches come all blocks at once (``update``, ``update_train_ncc``, ``update_test``) or
+    block by block (``add_train``, ``add_second``, ``add_test``: from a forward hook, while the
+    output is still in cache). Across ranks: the train pass with the rank's shard,
+    ``all_reduce()``, the second pass if needed, the test batches, then ``compute`` on every
+    rank (collective).
     """
 
     def __init__(self, blocks: Sequence[str], num_classes: int,
@@ -113,51 +116,79 @@ class LayerMetrics:
         self.max_feature_bytes = int(max_feature_bytes)
         self.tile_size = check_tile_size(tile_size)
         self.stats = {name: ClassStats(num_classes, tile_size) for name in self.blocks}
-        self._kept: list[tuple[dict[str, torch.Tensor], torch.Tensor]] | None = []
+        self._kept: dict[str, list[Batch]] | None = {name: [] for name in self.blocks}
         self._kept_bytes = 0
-        self._deviations: dict[str, Deviations] | None = None
-        self._test: dict[str, NearestCentreTally] | None = None
+        self._deviations: dict[str, Deviations] = {}
+        self._test: dict[str, NearestCentreTally] = {}
         self._reduced = False
         self._group: ProcessGroup | None = None
 
     def update(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
-               copy: bool = True) -> None:
+               copy: bool = True, final: bool = False) -> None:
         """Add a train batch: each block's (N, d_block) features and the batch's labels.
 
         ``copy=False`` hands the tensors over (no copy): they are kept as they are and centred
-        in place at ``compute``, for features nothing else reads, such as
-        ``BlockOutputs.take()``'s.
+        in place later, for features nothing else reads, such as ``BlockOutputs.take()``'s.
+        ``final``: see ``add_train``.
         """
-        if self._frozen:
-            raise ValueError("update after all_reduce or after scoring began: finish the train "
-                             "pass first")
-        batch = self._batch(features, labels)
-        for name, feats in batch.items():
-            self.stats[name].update(feats, labels)
-        self._keep(batch, labels, copy)
+        for name, feats in self._batch(features, labels).items():
+            self.add_train(name, feats, labels, copy, final)
+
+    def add_train(self, name: str, features: ArrayLike, labels: ArrayLike, copy: bool = True,
+                  final: bool = False) -> None:
+        """Add one block's train batch. ``final=True`` declares it the last one of a pass that
+        no ``all_reduce`` will change (one process): the block's class means are then final,
+        so its centred pass runs at once, over the kept batches and this one, and nothing more
+        is kept."""
+        if self._reduced or name in self._deviations or self._test:
+            raise ValueError("train batches after all_reduce, after a block's final batch or "
+                             "after the test batches: finish the train pass first")
+        if final and distributed.is_distributed():
+            raise ValueError("final=True is for one process: all_reduce changes the class means")
+        stats = self._stats(name)
+        feats = as_tensor(features)
+        stats.update(feats, labels)
+        if not final or self._kept is None:
+            self._keep(name, feats, labels, copy)
+            return
+        deviations = Deviations(stats.require_all_classes())
+        for kept, kept_labels in self._kept.pop(name):
+            deviations.update(kept, kept_labels, overwrite=True)
+            self._kept_bytes -= _nbytes(kept, kept_labels)
+        deviations.update(feats, labels, overwrite=not copy)
+        self._deviations[name] = deviations
 
     def update_train_ncc(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
                          copy: bool = True) -> None:
         """Second pass over the same train data: ncc_acc_train and the within-class sums of
         nc1, both against the final class means; ``copy=False`` hands the tensors over (a
         float64 batch is centred in place)."""
+        for name, feats in self._batch(features, labels).items():
+            self.add_second(name, feats, labels, copy)
+
+    def add_second(self, name: str, features: ArrayLike, labels: ArrayLike,
+                   copy: bool = True) -> None:
+        """One block's batch of the second pass (see ``update_train_ncc``)."""
         if self._kept is not None:
             raise ValueError("update_train_ncc is for a second pass; the train features were "
                              "kept (needs_second_pass is False)")
-        if self._deviations is None:
-            self._deviations = self._new_deviations()
-        for name, feats in self._batch(features, labels).items():
-            self._deviations[name].update(feats, labels, overwrite=not copy)
+        if name not in self._deviations:
+            self._deviations[name] = Deviations(self._stats(name).require_all_classes())
+        self._deviations[name].update(features, labels, overwrite=not copy)
 
     def update_test(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
                     copy: bool = True) -> None:
         """Add a test batch: ncc_acc_test against the train class means (pass 1 must be done);
         ``copy=False`` hands the tensors over (a float64 batch is centred in place)."""
-        if self._test is None:
-            self._test = {name: NearestCentreTally(self.stats[name].require_all_classes())
-                          for name in self.blocks}
         for name, feats in self._batch(features, labels).items():
-            self._test[name].update(feats, labels, overwrite=not copy)
+            self.add_test(name, feats, labels, copy)
+
+    def add_test(self, name: str, features: ArrayLike, labels: ArrayLike,
+                 copy: bool = True) -> None:
+        """One block's test batch (see ``update_test``)."""
+        if name not in self._test:
+            self._test[name] = NearestCentreTally(self._stats(name).require_all_classes())
+        self._test[name].update(features, labels, overwrite=not copy)
 
     def merge(self, other: LayerMetrics) -> LayerMetrics:
         """New metrics over both inputs' train data; both must still be in the train pass."""
@@ -173,7 +204,7 @@ class LayerMetrics:
                 self._kept_bytes + other._kept_bytes > out.max_feature_bytes):
             out._kept = None
         else:
-            out._kept = [*self._kept, *other._kept]
+            out._kept = {name: [*self._kept[name], *other._kept[name]] for name in self.blocks}
             out._kept_bytes = self._kept_bytes + other._kept_bytes
         return out
 
@@ -195,7 +226,7 @@ class LayerMetrics:
     @property
     def needs_second_pass(self) -> bool:
         """True when the kept features outgrew the budget: run update_train_ncc before compute."""
-        return self._kept is None and self._deviations is None
+        return self._kept is None and len(self._deviations) < len(self.blocks)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held in tensors: the blocks' moments and the kept train features."""
@@ -219,9 +250,10 @@ class LayerMetrics:
         tile = self.tile_size or default_tile_size(self.num_classes, home)
         deviations = self._final_deviations()
         totals = [deviations[name].totals() for name in self.blocks]
-        test = self._test if not self._reduced else self._test_everywhere()
-        if test is not None:
-            totals += [test[name].tally.to(F64) for name in self.blocks]
+        if self._reduced:
+            self._test_everywhere()
+        if self._test:
+            totals += [self._test[name].tally.to(F64) for name in self.blocks]
         flat = torch.cat([t.to(home) for t in totals])
         if self._reduced:
             device = distributed.collective_device(self._group)
@@ -237,36 +269,44 @@ class LayerMetrics:
             values[layer_key(name, "ncc_acc_test")] = accuracy(tally)
         return values
 
-    def _new_deviations(self) -> dict[str, Deviations]:
-        """Empty centred-pass sums of every block, against its final class means."""
-        return {name: Deviations(self.stats[name].require_all_classes()) for name in self.blocks}
-
     def _final_deviations(self) -> dict[str, Deviations]:
-        """Every block's ``Deviations`` over this rank's train data: from the second pass, or
-        from the kept features, centred in place (they are this object's) and then let go."""
-        if self._deviations is None:
-            kept = self._require_kept()
-            self._deviations = self._new_deviations()
-            for batch, labels in kept:
-                for name, feats in batch.items():
-                    self._deviations[name].update(feats, labels, overwrite=True)
-            self._kept, self._kept_bytes = None, 0
+        """Every block's ``Deviations`` over this rank's train data: from the final batch, the
+        second pass, or the kept features, centred in place (they are this object's) and then
+        let go."""
+        missing = [name for name in self.blocks if name not in self._deviations]
+        if missing and self._kept is None:
+            raise ValueError(
+                f"nc1 and ncc_acc_train need a second pass: the block features exceeded "
+                f"max_feature_bytes={self.max_feature_bytes} and were not kept; call "
+                f"update_train_ncc over the same train data before compute"
+            )
+        for name in missing:
+            deviations = Deviations(self._stats(name).require_all_classes())
+            for feats, labels in self._kept.pop(name):
+                deviations.update(feats, labels, overwrite=True)
+            self._deviations[name] = deviations
+        if missing:
+            self._kept_bytes = 0
         return self._deviations
 
-    def _test_everywhere(self) -> dict[str, NearestCentreTally] | None:
-        """The test tallies, empty ones on a rank without test batches where another rank had
-        some, so every rank reduces the same tallies."""
-        seen = torch.tensor([int(self._test is not None)], dtype=torch.int64,
+    def _test_everywhere(self) -> None:
+        """Empty test tallies on a rank without test batches where another rank had some, so
+        every rank reduces the same tallies."""
+        seen = torch.tensor([int(bool(self._test))], dtype=torch.int64,
                             device=distributed.collective_device(self._group))
-        anywhere = bool(distributed.all_reduce_max(seen, self._group)[0])
-        if self._test is None and anywhere:
-            self._test = {name: NearestCentreTally(self.stats[name].require_all_classes())
+        if bool(distributed.all_reduce_max(seen, self._group)[0]) and not self._test:
+            self._test = {name: NearestCentreTally(self._stats(name).require_all_classes())
                           for name in self.blocks}
-        return self._test
 
     @property
     def _frozen(self) -> bool:
-        return self._reduced or self._deviations is not None or self._test is not None
+        return self._reduced or bool(self._deviations) or bool(self._test)
+
+    def _stats(self, name: str) -> ClassStats:
+        """The block's moments, refusing a name that is not one of the blocks."""
+        if name not in self.stats:
+            raise ValueError(f"no block {name!r}; the blocks are {list(self.blocks)}")
+        return self.stats[name]
 
     def _batch(self, features: Mapping[str, ArrayLike],
                labels: ArrayLike) -> dict[str, torch.Tensor]:
@@ -283,27 +323,24 @@ class LayerMetrics:
             raise ValueError(f"blocks have different sample counts in one batch: {n}")
         return batch
 
-    def _keep(self, batch: dict[str, torch.Tensor], labels: ArrayLike, copy: bool) -> None:
-        """Keep copies of the batch for ncc_acc_train while within budget; drop all past it."""
+    def _keep(self, name: str, feats: torch.Tensor, labels: ArrayLike, copy: bool) -> None:
+        """Keep a copy of the block's batch for the centred pass while within budget; drop
+        every block's kept batches past it."""
         if self._kept is None:
             return
         labs = as_tensor(labels)
-        tensors = [*batch.values(), labs]
-        size = sum(t.numel() * t.element_size() for t in tensors)
+        size = _nbytes(feats, labs)
         if self._kept_bytes + size > self.max_feature_bytes:
             self._kept, self._kept_bytes = None, 0
             return
         if copy:
-            batch, labs = {name: t.clone() for name, t in batch.items()}, labs.clone()
-        self._kept.append((batch, labs))
+            feats, labs = feats.clone(), labs.clone()
+        self._kept[name].append((feats, labs))
         self._kept_bytes += size
 
-    def _require_kept(self) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """The kept train batches, refused when they outgrew the budget and no second pass ran."""
-        if self._kept is None:
-            raise ValueError(
-                f"nc1 and ncc_acc_train need a second pass: the block features exceeded "
-                f"max_feature_bytes={self.max_feature_bytes} and were not kept; call "
-                f"update_train_ncc over the same train data before compute"
-            )
-        return self._kept
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -29,20 +29,30 @@ def pool(output: torch.Tensor) -> torch.Tensor:
     return flat.to(torch.float64, copy=True).contiguous()
 
 
-class BlockOutputs:
-    """The pooled outputs of the hooked blocks from the latest forward pass, by block name."""
+Sink = Callable[[str, torch.Tensor], None]
+"""Takes each pooled block output as the forward pass makes it: (block name, features)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+
+class BlockOutputs:
+    """The pooled outputs of the hooked blocks from the latest forward pass, by block name; or,
+    with a ``sink``, each one handed to it at once, while it is still in cache."""
+
+    def __init__(self, names: Sequence[str], sink: Sink | None = None) -> None:
         self.names = tuple(names)
+        self.sink = sink
         self._outputs: dict[str, torch.Tensor] = {}
 
     def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        """The forward hook that stores a module's (last) output under ``name``."""
+        """The forward hook that stores a module's (last) output under ``name``, or hands it
+        to the sink."""
         def store(module: nn.Module, inputs: Any, output: Any) -> None:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"block {name!r} ({type(module).__name__}) returned "
                                 f"{type(output).__name__}, not a tensor")
-            self._outputs[name] = pool(output)
+            if self.sink is None:
+                self._outputs[name] = pool(output)
+            else:
+                self.sink(name, pool(output))
         return store
 
     def take(self) -> dict[str, torch.Tensor]:
@@ -59,12 +69,14 @@ class BlockOutputs:
 
 
 @contextlib.contextmanager
-def capture(blocks: Sequence[tuple[str, nn.Module]]) -> Iterator[BlockOutputs]:
+def capture(blocks: Sequence[tuple[str, nn.Module]],
+            sink: Sink | None = None) -> Iterator[BlockOutputs]:
     """Hook every (name, module) block for the ``with`` body; the hooks are removed on exit.
 
-    ``with capture(blocks) as outputs: model(x); layers.update(outputs.take(), y)``.
+    ``with capture(blocks) as outputs: model(x); layers.update(outputs.take(), y)``, or with
+    ``sink(name, features)`` called from each hook instead.
     """
-    outputs = BlockOutputs([name for name, _ in blocks])
+    outputs = BlockOutputs([name for name, _ in blocks], sink)
     handles = []
     try:
         for name, module in blocks:

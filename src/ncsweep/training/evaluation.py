@@ -3,6 +3,7 @@ minority-class measurements, summed over the ranks of a distributed run."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -59,7 +60,7 @@ def _passes(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_s
     clean = NCAccumulator(data.num_classes, max_feature_bytes=budget) \
         if train.clean_labels is not None else None
     row = _split_metrics(model, loss_fn, train, eval_batch_size, "train", accumulator,
-                         clean=clean, on_batch=depth.train)
+                         clean=clean, depth=depth)
     for acc in (accumulator, clean):
         if acc is not None:
             acc.all_reduce()
@@ -72,11 +73,11 @@ def _passes(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_s
     if pending or second:
         start = 0
         for x, y in batches(train, eval_batch_size):
+            depth.before(y, "second" if second else "none")
             features = model.backbone(x)
+            depth.after(features)
             for acc, labels in pending:
                 acc.update_predictions(features, labels[start:start + y.numel()], weight, bias)
-            if second:
-                depth.second(y)
             start += y.numel()
     row.update(accumulator.compute(weight, bias))
     if clean is not None:
@@ -86,8 +87,7 @@ def _passes(model: nn.Module, loss_fn: nn.Module, data: DataBundle, eval_batch_s
         heldout = [HeldOutNC4(acc, weight, bias) for acc in (accumulator, clean)
                    if acc is not None]
         row.update(_split_metrics(model, loss_fn, _shard(data.test), eval_batch_size, "test",
-                                  heldout=heldout, minority=minority,
-                                  on_batch=lambda features, y: depth.test(y)))
+                                  heldout=heldout, minority=minority, depth=depth))
         row["nc4_test"] = heldout[0].compute()
         if clean is not None:
             row["nc4_test_clean"] = heldout[1].compute()
@@ -118,11 +118,10 @@ def minority_collapse(weight: torch.Tensor, minority: Sequence[int]) -> float:
 def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batch_size: int,
                    prefix: str, accumulator: NCAccumulator | None = None,
                    heldout: Sequence[HeldOutNC4] = (), clean: NCAccumulator | None = None,
-                   minority: Sequence[int] | None = None,
-                   on_batch: Callable[[torch.Tensor, torch.Tensor], None] = lambda f, y: None
+                   minority: Sequence[int] | None = None, depth: DepthProbe | None = None
                    ) -> Row:
     """Loss and accuracy of one split; the clean-label and per-class tallies where asked;
-    ``on_batch(features, labels)`` after each batch's forward pass.
+    the block outputs of each forward pass to ``depth``, in the pass named ``prefix``.
 
     On several ranks each passes its shard and the tallies are summed over the ranks.
     """
@@ -134,9 +133,14 @@ def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batc
     k = model.head.weight.shape[0]
     per_class = torch.zeros((2, k), dtype=torch.long, device=device)  # correct, count
     start = 0
-    for x, y in batches(split, eval_batch_size):
+    last = math.ceil(len(split) / min(eval_batch_size or len(split), len(split))) - 1 \
+        if len(split) else 0
+    for index, (x, y) in enumerate(batches(split, eval_batch_size)):
+        if depth is not None:
+            depth.before(y, prefix, last=index == last)
         features, logits = model.features_and_logits(x)
-        on_batch(features, y)
+        if depth is not None:
+            depth.after(features)
         predicted = logits.argmax(dim=1)
         if accumulator is not None:
             accumulator.update(features, y)
