@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pickle
+from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from ncsweep.launcher.plan import Job
+from ncsweep.config import RUN_KEY_SUBDIR
+from ncsweep.launcher.plan import Job, job_folders
 from ncsweep.launcher.spec import Sweep, TaskSpec
 from ncsweep.launcher.tasks import Task
+from tests.support import compose_cfg
 
 
 def spec() -> TaskSpec:
@@ -33,3 +37,24 @@ def test_a_task_pickles_with_its_spec_and_requeues_as_the_same_task() -> None:
     assert task.spec.runs_in_parallel == 2 and task.spec.job_dir_key == "hydra.sweep.dir"
     again = task.checkpoint(units)
     assert again.function is task and again.args == (units,)
+
+
+def test_run_folders_by_the_run_key_equal_omegaconfs_interpolation(tmp_path) -> None:
+    """conf/'s subdir is RUN_KEY_SUBDIR, which job_folders computes without the interpolation
+    grammar; the folders equal OmegaConf's resolution of the same subdir, and a subdir of
+    another form still goes through OmegaConf."""
+    cfg = compose_cfg(["name=keys", f"hydra.sweep.dir={tmp_path}"])
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == RUN_KEY_SUBDIR
+    jobs = [["seed=1", "head=etf"], [], ["dataset.n_train=5", "trainer.progress=false"],
+            ["optim.lr=0.5", "arch.width=" + "9" * 120], ["seed=3", "hydra.launcher.mem_gb=2"]]
+    fast = job_folders(cfg, jobs, 7)
+    slow_cfg = copy.deepcopy(cfg)
+    with open_dict(slow_cfg):
+        slow_cfg.hydra.sweep.subdir = "${ncsweep.key:${hydra.job.override_dirname}}/."
+    slow = job_folders(slow_cfg, jobs, 7)
+    assert [str(p) for p in fast] == [str(Path(p)) for p in slow]
+    assert fast[1].name == "default" and fast[0].name == "head=etf,seed=1"
+    assert fast[4].name == "seed=3" and len(fast[3].name) <= 96
+    with open_dict(slow_cfg):
+        slow_cfg.hydra.sweep.subdir = "job${hydra.job.num}"
+    assert [p.name for p in job_folders(slow_cfg, jobs[:2], 7)] == ["job7", "job8"]

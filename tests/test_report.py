@@ -290,8 +290,8 @@ def test_cli_writes_report_files_and_figures(cli_report: tuple, sweeps: Path) ->
     assert result.returncode == 0, result.stderr
     assert "14 runs (12 done, 2 failed)" in result.stdout
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["curves-digits-mlp-ce.png", "forest.png", "resources-digits-mlp-ce.png",
-                    "ufm.png"]
+    assert pngs == ["curves-digits-mlp-ce.png", "depth-digits-mlp-ce.png", "forest.png",
+                    "resources-digits-mlp-ce.png", "ufm.png"]
     for name in pngs:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1024, name

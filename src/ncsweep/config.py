@@ -27,6 +27,8 @@ RESUME_CHOICES = ("auto", "never", "must")
 NONFINITE_CHOICES = ("fail", "ignore")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 RUN_KEY_MAX = 96
+RUN_KEY_SUBDIR = "${ncsweep.key:${hydra.job.override_dirname}}"
+"""conf/'s ``hydra.sweep.subdir``: a job's folder is the run key of its overrides."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 __all__ = ["ConfigError", "check_device", "check_overrides", "closest", "command_overrides",
            "read_override", "register_resolvers", "resolve_dim", "run_key", "validate"]

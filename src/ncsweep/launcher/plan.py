@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ncsweep.config import ConfigError
+from ncsweep.config import RUN_KEY_SUBDIR, ConfigError, run_key
 from ncsweep.launcher.hydra_compat import overrides_dirname
 from ncsweep.launcher.overrides import parse
 
@@ -42,16 +42,20 @@ def status_command(sweep_dir: Path) -> str:
 
 def job_folders(config: DictConfig, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int) -> list[Path]:
-    """Each job's run folder, resolved as Hydra will resolve it in the job."""
+    """Each job's run folder, resolved as Hydra will resolve it in the job: conf/'s subdir
+    (``RUN_KEY_SUBDIR``) as the run key itself, any other through OmegaConf's interpolation
+    (about 1 ms a job, 10 s at 10,000 runs, where the run key takes microseconds)."""
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     naming = config.hydra.job.config.override_dirname
+    dirnames = [overrides_dirname([o for o in parse(overrides) if not o.is_hydra_override()],
+                                  naming) for overrides in job_overrides]
+    if OmegaConf.to_container(config.hydra.sweep).get("subdir") == RUN_KEY_SUBDIR:
+        return [sweep_dir / run_key(name) for name in dirnames]
     scratch = copy.deepcopy(config)
     folders = []
     with open_dict(scratch):
-        for idx, overrides in enumerate(job_overrides):
-            task = [o for o in parse(overrides)
-                    if not o.is_hydra_override()]
-            scratch.hydra.job.override_dirname = overrides_dirname(task, naming)
+        for idx, name in enumerate(dirnames):
+            scratch.hydra.job.override_dirname = name
             scratch.hydra.job.num = initial_job_idx + idx
             folders.append(sweep_dir / str(OmegaConf.select(scratch, "hydra.sweep.subdir")))
     return folders
