@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -270,6 +271,43 @@ DDP_MLP = ["logger=none", "trainer.progress=false", "trainer.deterministic=true"
        "arch.batch_norm=false", "arch.width=32", "trainer.batch_size=64", "trainer.epochs=6",
        "trainer.eval_every=2", "trainer.checkpoint_every=1", "name=ddp", "nc.layers=all"]
 LOCAL_RANKS = ["launcher=local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.poll_s=0.5"]
+
+
+def one_run_sweep(args: list[str], cwd: Path, name: str = "ddp") -> RunFolder:
+    """Run a one-run sweep (``-m``) in its own folder ``cwd``; its run folder."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    result = run_cli(["-m", *args], cwd, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert ": 1 done" in result.stdout, result.stdout
+    [summary] = (cwd / "multirun" / name).glob("*/summary.json")
+    return RunFolder(summary.parent)
+
+
+def assert_same_run(a: RunFolder, b: RunFolder, rtol: float) -> None:
+    """Every metric of every eval row and every final weight agree to ``rtol`` relative."""
+    rows_a, rows_b = a.read_metrics(), b.read_metrics()
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key, value in ra.items():
+            assert rb[key] == pytest.approx(value, rel=rtol, abs=1e-12), (ra["epoch"], key)
+    wa = torch.load(a.file("checkpoint.pt"), weights_only=True)["model"]
+    wb = torch.load(b.file("checkpoint.pt"), weights_only=True)["model"]
+    for name, tensor in wa.items():
+        if tensor.is_floating_point():
+            change = (wb[name].double() - tensor.double()).norm() / tensor.double().norm()
+            assert change <= rtol, (name, change.item())
+
+
+def assert_rank_zero_wrote_alone(ranks: RunFolder, reference: RunFolder) -> None:
+    """A two-rank run's summary says so, trains as its one-process twin, and rank 0 alone
+    wrote its folder (one log file, one Hydra record)."""
+    summary = ranks.read_summary()
+    assert summary["world_size"] == 2 and reference.read_summary()["world_size"] == 1
+    assert summary["sync_batchnorm"] is False
+    assert summary["train_acc"] == reference.read_summary()["train_acc"]
+    assert sorted(p.name for p in ranks.path.iterdir() if p.suffix == ".log") == ["app.log"]
+    assert (ranks.path / ".hydra" / "config.yaml").exists()
 
 
 def free_port() -> int:

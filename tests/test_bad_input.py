@@ -11,7 +11,7 @@ import pytest
 
 from ncsweep.config import ConfigError, command_overrides, validate
 from ncsweep.preflight import check_command, compositions
-from tests.support import CONF, FAST, compose_cfg, run_cli
+from tests.support import CONF, DDP_MLP, FAST, LOCAL_RANKS, compose_cfg, run_cli
 
 GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
 
@@ -157,3 +157,13 @@ def test_a_model_too_large_for_memory_is_refused_before_it_is_allocated(
                            line).groups()
     assert size.endswith("GiB") or size.endswith("TiB"), line
     assert not list(tmp_path.glob("**/checkpoint.pt"))
+
+
+def test_what_cannot_use_several_ranks_is_refused_before_submission(tmp_path: Path) -> None:
+    for extra, key in ((["hydra.launcher.nodes=2"], "hydra.launcher.nodes"),
+                       (["hydra.launcher.runs_in_parallel=2"], "hydra.launcher.runs_in_parallel")):
+        result = run_cli(["-m", *DDP_MLP, *LOCAL_RANKS, *extra], tmp_path, timeout=60)
+        assert result.returncode == 2, result.stderr[-2000:]
+        [line] = [ln for ln in result.stderr.splitlines() if "error:" in ln]
+        assert key in line, line
+        assert not (tmp_path / "multirun" / "ddp" / ".ncsweep-jobs.jsonl").exists()

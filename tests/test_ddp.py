@@ -23,16 +23,15 @@ from tests.support import (
 )
 from tests.support import (
     LOCAL_RANKS,
+    assert_rank_zero_wrote_alone,
+    assert_same_run,
     compose_cfg,
-    run_cli,
+    one_run_sweep,
     sacct_state,
     sweep_job_ids,
     wait_for_rows,
 )
 
-UFM = ["logger=none", "trainer.progress=false", "seed=0", "experiment=ufm",
-       "dataset.num_classes=4", "dataset.n_per_class=5", "trainer.epochs=3",
-       "trainer.eval_every=3", "optim.max_iter=4", "name=ddp"]
 pytestmark = pytest.mark.distributed
 
 SLURM_RANKS = ["launcher=slurm", "hydra.launcher.tasks_per_node=2",
@@ -41,56 +40,23 @@ SLURM_RANKS = ["launcher=slurm", "hydra.launcher.tasks_per_node=2",
                "hydra.launcher.max_num_timeout=3", "hydra.launcher.poll_s=0.5"]
 
 
-def sweep(args: list[str], cwd: Path) -> RunFolder:
-    """Run a one-run sweep in its own folder; its run folder."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    result = run_cli(["-m", *args], cwd, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert ": 1 done" in result.stdout, result.stdout
-    [summary] = (cwd / "multirun" / "ddp").glob("*/summary.json")
-    return RunFolder(summary.parent)
-
-
-def assert_same_run(a: RunFolder, b: RunFolder, rtol: float) -> None:
-    """Every metric of every eval row and every final weight agree to ``rtol`` relative."""
-    rows_a, rows_b = a.read_metrics(), b.read_metrics()
-    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
-    for ra, rb in zip(rows_a, rows_b, strict=True):
-        assert ra.keys() == rb.keys()
-        for key, value in ra.items():
-            assert rb[key] == pytest.approx(value, rel=rtol, abs=1e-12), (ra["epoch"], key)
-    wa = torch.load(a.file("checkpoint.pt"), weights_only=True)["model"]
-    wb = torch.load(b.file("checkpoint.pt"), weights_only=True)["model"]
-    for name, tensor in wa.items():
-        if tensor.is_floating_point():
-            change = (wb[name].double() - tensor.double()).norm() / tensor.double().norm()
-            assert change <= rtol, (name, change.item())
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunFolder]:
-    """One-process runs and their two-rank (launcher=local) twins, same global batch."""
+    """The MLP's one-process run and its two-rank (launcher=local) twin, same global batch,
+    side by side (the UFM's pair is test_ufm_runs')."""
     root = tmp_path_factory.mktemp("ranks")
-    cases = {f"{model}/{world}": [*args, *extra] for model, args in (("mlp", MLP), ("ufm", UFM))
-             for world, extra in ((1, []), (2, LOCAL_RANKS))}
-    with ThreadPoolExecutor(2) as pool:  # two sweeps at a time: their start-up is one core's
-        done = pool.map(lambda case: sweep(cases[case], root / case), cases)
+    cases = {"mlp/1": MLP, "mlp/2": [*MLP, *LOCAL_RANKS]}
+    with ThreadPoolExecutor(2) as pool:
+        done = pool.map(lambda case: one_run_sweep(cases[case], root / case), cases)
         return dict(zip(cases, done, strict=True))
 
 
-@pytest.mark.parametrize("model", ["mlp", "ufm"])
-def test_two_local_ranks_equal_one_process(model: str, runs: dict[str, RunFolder]) -> None:
-    reference, ranks = runs[f"{model}/1"], runs[f"{model}/2"]
+def test_two_local_ranks_equal_one_process(runs: dict[str, RunFolder]) -> None:
+    reference, ranks = runs["mlp/1"], runs["mlp/2"]
     assert_same_run(reference, ranks, rtol=1e-6)
     blocks = {k for k in ranks.read_metrics()[-1] if k.startswith("layers")}
-    assert len(blocks) == (0 if model == "ufm" else 3 * 5 + 2), sorted(blocks)
-    summary = ranks.read_summary()
-    assert summary["world_size"] == 2 and reference.read_summary()["world_size"] == 1
-    assert summary["sync_batchnorm"] is False
-    assert summary["train_acc"] == reference.read_summary()["train_acc"]
-    # rank 0 alone wrote the folder: one log file, one Hydra record
-    assert sorted(p.name for p in ranks.path.iterdir() if p.suffix == ".log") == ["app.log"]
-    assert (ranks.path / ".hydra" / "config.yaml").exists()
+    assert len(blocks) == 3 * 5 + 2, sorted(blocks)
+    assert_rank_zero_wrote_alone(ranks, reference)
 
 
 @pytest.mark.slurm
@@ -121,16 +87,6 @@ def test_two_ranks_on_the_cluster_resume_a_preemption_bitwise(
     a = torch.load(plain.file("checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(resumed.file("checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_what_cannot_use_several_ranks_is_refused_before_submission(tmp_path: Path) -> None:
-    for extra, key in ((["hydra.launcher.nodes=2"], "hydra.launcher.nodes"),
-                       (["hydra.launcher.runs_in_parallel=2"], "hydra.launcher.runs_in_parallel")):
-        result = run_cli(["-m", *MLP, *LOCAL_RANKS, *extra], tmp_path, timeout=60)
-        assert result.returncode == 2, result.stderr[-2000:]
-        [line] = [ln for ln in result.stderr.splitlines() if "error:" in ln]
-        assert key in line, line
-        assert not (tmp_path / "multirun" / "ddp" / ".ncsweep-jobs.jsonl").exists()
 
 
 def test_rank_settings_are_checked() -> None:
@@ -184,9 +140,9 @@ def test_imagenet_presets_compose_to_their_setups(preset: str, epochs: int, augm
 def test_two_gpu_ranks_with_nccl_and_sync_batchnorm(runs: dict[str, RunFolder],
                                                     tmp_path: Path) -> None:
     gpu = ["trainer.device=cuda", "hydra.launcher.gpus_per_node=2"]
-    plain = sweep([*MLP, *LOCAL_RANKS, *gpu], tmp_path / "plain")
+    plain = one_run_sweep([*MLP, *LOCAL_RANKS, *gpu], tmp_path / "plain")
     assert_same_run(runs["mlp/1"], plain, rtol=1e-4)  # TF32/cuBLAS against the CPU run
-    synced = sweep([*MLP, "arch.batch_norm=true", "trainer.sync_batchnorm=true",
+    synced = one_run_sweep([*MLP, "arch.batch_norm=true", "trainer.sync_batchnorm=true",
                     *LOCAL_RANKS, *gpu], tmp_path / "synced")
     summary = synced.read_summary()
     assert summary["world_size"] == 2 and summary["sync_batchnorm"] is True

@@ -1,10 +1,22 @@
-"""UFM runs end to end: random starts reach the closed-form optimum; the landscape preset."""
+"""UFM runs end to end: random starts reach the closed-form optimum; the landscape preset; two
+local ranks equal one process."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import pytest
 
-from tests.support import FAST, compose_cfg, run_cli
+from tests.support import (
+    FAST,
+    LOCAL_RANKS,
+    assert_rank_zero_wrote_alone,
+    assert_same_run,
+    compose_cfg,
+    one_run_sweep,
+    run_cli,
+)
 
 UFM = [*FAST, "experiment=ufm", "dataset.num_classes=4", "dataset.n_per_class=5",
        "trainer.epochs=20", "trainer.eval_every=10"]
@@ -65,3 +77,18 @@ def test_landscape_sweep_runs_a_slice_from_the_cli(tmp_path) -> None:
     assert len(done) == 2
     for marker in done:
         assert len((marker.parent / "starts.jsonl").read_text().splitlines()) == 20
+
+
+UFM_RANKS = ["logger=none", "trainer.progress=false", "seed=0", "experiment=ufm",
+             "dataset.num_classes=4", "dataset.n_per_class=5", "trainer.epochs=3",
+             "trainer.eval_every=3", "optim.max_iter=4", "name=ddp"]
+
+
+def test_two_local_ranks_of_a_ufm_run_equal_one_process(tmp_path: Path) -> None:
+    """Real gloo ranks through submitit's local launcher, beside the one-process run."""
+    cases = {"1": UFM_RANKS, "2": [*UFM_RANKS, *LOCAL_RANKS]}
+    with ThreadPoolExecutor(2) as pool:
+        reference, ranks = pool.map(lambda c: one_run_sweep(cases[c], tmp_path / c), cases)
+    assert_same_run(reference, ranks, rtol=1e-6)
+    assert not [k for k in ranks.read_metrics()[-1] if k.startswith("layers")]
+    assert_rank_zero_wrote_alone(ranks, reference)
