@@ -37,23 +37,9 @@ if TYPE_CHECKING:
 PASS1_CHUNK_CLASSES = 2
 
 KEYS = (
-    "nc1",
-    "nc2_w",
-    "nc2_m",
-    "nc2_equinorm_w",
-    "nc2_equinorm_m",
-    "nc2_equiangle_w",
-    "nc2_equiangle_m",
-    "nc2_maxangle_w",
-    "nc2_maxangle_m",
-    "nc3",
-    "nc3_duality",
-    "nc4",
-    "nc4_bias",
-    "cdnv",
-    "trace_ratio",
-    "w_norm_mean",
-    "m_norm_mean",
+    "nc1", "nc2_w", "nc2_m", "nc2_equinorm_w", "nc2_equinorm_m", "nc2_equiangle_w",
+    "nc2_equiangle_m", "nc2_maxangle_w", "nc2_maxangle_m", "nc3", "nc3_duality", "nc4",
+    "nc4_bias", "cdnv", "trace_ratio", "w_norm_mean", "m_norm_mean",
 )
 ROWSPACE_KEYS = ("nc1_rowspace", "nc2_m_rowspace", "nc3_duality_rowspace", "nc4_rowspace")
 COMPUTE_KEYS = (*KEYS, *ROWSPACE_KEYS, "nc2_of")
@@ -170,8 +156,8 @@ class NCAccumulator:
         return dict(zip(COMPUTE_KEYS, stacked, strict=True))
 
     def nearest_centre_accuracy(self) -> float:
-        """The share of the train samples (all ranks) whose nearest train class mean is their
-        label, from the decisions behind nc4: known once ``compute`` has run."""
+        """The share of train samples (all ranks) whose nearest train class mean is their label,
+        from nc4's decisions, once ``compute`` has run."""
         if self._ncc_hits is None:
             raise ValueError("nearest_centre_accuracy is known after compute")
         return self._ncc_hits / float(self._counts.sum())
@@ -358,16 +344,15 @@ class HeldOutNC4:
         self._reduced, self._group = train._reduced, train._group
 
     def update(self, features: ArrayLike, labels: ArrayLike | None = None) -> None:
-        """Add a batch of held-out features (N, d), any size or dtype; nc4_test needs no
-        labels, and with them the nearest-class-centre hits are counted too."""
+        """Add a batch of held-out features (N, d), any size or dtype; with labels (nc4_test
+        needs none) the nearest-class-centre hits are counted too."""
         feats = as_features(features, self._like)
-        if labels is None:
-            self._mismatches[0] += self._predictions.mismatches(feats)[0]
-        else:
-            labs = as_tensor(labels, feats.device)
+        labs = None if labels is None else as_tensor(labels, feats.device)
+        if labs is not None:
             check_labels(labs, feats.shape, self._predictions.proj.shape[1])
-            self._mismatches += self._predictions.mismatches(feats, labs.long())
             self._labelled += feats.shape[0]
+        counts = self._predictions.mismatches(feats, None if labs is None else labs.long())
+        self._mismatches[:len(counts)] += counts
         self._samples += feats.shape[0]
 
     def merge(self, other: HeldOutNC4) -> HeldOutNC4:
@@ -399,8 +384,8 @@ class HeldOutNC4:
         return mismatches / samples
 
     def nearest_centre_accuracy(self) -> float:
-        """The share of the labelled held-out samples (all ranks) whose nearest train class
-        mean is their label: known once ``compute`` has run, and only if every batch had labels."""
+        """The share of held-out samples (all ranks) whose nearest train class mean is their
+        label, once ``compute`` has run; every batch must have had labels."""
         if self._ncc is None:
             raise ValueError("nearest_centre_accuracy is known after compute")
         hits, labelled, samples = self._ncc
