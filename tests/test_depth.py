@@ -125,17 +125,22 @@ def test_block_rows_reach_wandb_and_runs_csv_as_in_the_run_folder(tmp_path: Path
 
 
 @torch.no_grad()
+def blobs(k: int, shape: tuple[int, ...], gap: float, n_train: int, n_test: int) -> DataBundle:
+    """K classes of Gaussian noise around means ``gap`` x class index apart (seeds 1 and 2)."""
+    def split(n: int, seed: int) -> Split:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % k
+        return Split(y[:, None, None, None] * gap + torch.randn(n, *shape, generator=g), y)
+
+    return DataBundle("blobs", k, shape, split(n_train, 1), split(n_test, 2))
+
+
 def test_evaluate_on_a_small_resnet_equals_pooled_float64_features_and_a_second_pass() -> None:
     torch.manual_seed(0)
     k, shape = 4, (3, 16, 16)
     model = Network(ResNet(shape, 32, "resnet18", stem="cifar"), LearnedHead(k, 32)).eval()
 
-    def split(n: int, seed: int) -> Split:
-        g = torch.Generator().manual_seed(seed)
-        y = torch.arange(n) % k
-        return Split(y[:, None, None, None] * 0.5 + torch.randn(n, *shape, generator=g), y)
-
-    data = DataBundle("blobs", k, shape, split(40, 1), split(24, 2))
+    data = blobs(k, shape, 0.5, 40, 24)
     blocks = select_blocks(model, "all")
     kept = evaluate(model, CrossEntropy(), data, 16, 2**30, blocks)
     second = evaluate(model, CrossEntropy(), data, 16, 1024, blocks)
@@ -172,12 +177,7 @@ def test_the_mlp_features_block_is_the_head_level_metrics_kept_or_streamed() -> 
     k, shape = 4, (1, 6, 6)
     model = Network(MLP(shape, 12, width=16, depth=2), LearnedHead(k, 12)).eval()
 
-    def split(n: int, seed: int) -> Split:
-        g = torch.Generator().manual_seed(seed)
-        y = torch.arange(n) % k
-        return Split(y[:, None, None, None] * 0.7 + torch.randn(n, *shape, generator=g), y)
-
-    data = DataBundle("blobs", k, shape, split(60, 1), split(28, 2))
+    data = blobs(k, shape, 0.7, 60, 28)
     blocks = select_blocks(model, "all")
     assert [(b.name, b.head_input) for b in blocks] == [
         ("hidden1", False), ("hidden2", False), ("features", True)]
