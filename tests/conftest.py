@@ -157,3 +157,15 @@ def wandb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def online(wandb_server: str) -> dict:
     """The environment that sends a run to the local W&B server."""
     return {"WANDB_MODE": "online", "WANDB_BASE_URL": wandb_server, "WANDB_API_KEY": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytest.mark.usefixtures("single_thread")``): tiny float64
+    problems run far faster without thread contention on a shared machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

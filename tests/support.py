@@ -171,6 +171,20 @@ def sacct_state(job_id: str, *extra: str) -> str:
     return res.stdout.strip()
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
+def wait_sacct_final(ids: list[str], limit: float = 60) -> list[str]:
+    """Each job's ``sacct_state``, polled until every one is final or ``limit`` s have passed
+    (sacct lags the end of a job by 1-2 s)."""
+    deadline = time.monotonic() + limit
+    states = [sacct_state(i) for i in ids]
+    while time.monotonic() < deadline and not all(s.startswith(FINAL_STATES) for s in states):
+        time.sleep(0.5)
+        states = [sacct_state(i) for i in ids]
+    return states
+
+
 # ---------------------------------------------------------------------------------- W&B server
 
 API_KEY = "k" * 40

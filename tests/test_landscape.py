@@ -23,16 +23,10 @@ from ncsweep.report import load, ufm_table, write_report
 from ncsweep.theory import ufm_hessian_min_eig, ufm_objective
 from tests.support import FAST
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 LANDSCAPE = [*FAST, "experiment=ufm_landscape", "dataset.n_per_class=2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def problem(k: int, d: int, n: int, loss: str, bias: bool = True, lambda_b: float = 0.0

@@ -15,7 +15,7 @@ import pytest
 from ncsweep import lease
 from ncsweep.launcher.limits import read_limits
 from ncsweep.tracking import RunFolder
-from tests.support import ROOT, run_cli, sacct_state, wait_until
+from tests.support import ROOT, run_cli, wait_sacct_final, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -24,7 +24,6 @@ TINY = ["logger=none", "trainer.epochs=3", "trainer.eval_every=3", "arch.width=3
 SMALL = ["launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.gpus_per_node=null", "hydra.launcher.poll_s=0.5"]
 HOLD = "++hydra.launcher.additional_parameters.hold=true"
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
 
 
 def recorded(sweep: Path) -> list[dict]:
@@ -38,15 +37,6 @@ def queued(comment: str) -> dict[str, str]:
                          text=True, timeout=30).stdout
     rows = [line.split("|") for line in out.splitlines()]
     return {row[0]: row[1] for row in rows if len(row) == 3 and row[2] == comment}
-
-
-def wait_final(ids: list[str], limit: float) -> list[str]:
-    deadline = time.monotonic() + limit
-    states = [sacct_state(i) for i in ids]
-    while time.monotonic() < deadline and not all(s.startswith(FINAL) for s in states):
-        time.sleep(1)
-        states = [sacct_state(i) for i in ids]
-    return states
 
 
 def arrays_of(ids: list[str]) -> set[str]:
@@ -85,7 +75,7 @@ def test_a_detached_rerun_while_queued_or_running_submits_nothing_then_skips_all
         left = queued(comment)
         if any(state == "PENDING" for state in left.values()):
             subprocess.run(["scontrol", "release", ",".join(left)], timeout=30)
-    states = wait_final(ids, 300)
+    states = wait_sacct_final(ids, 300)
     assert all(s.startswith("COMPLETED") for s in states), states
     assert all(RunFolder(sweep / e["folder"]).status == "done" for e in entries)
     done = run_cli(args, tmp_path, timeout=180)
@@ -121,7 +111,7 @@ def test_a_sweep_past_a_small_max_array_size_runs_as_several_arrays(local_slurm:
     sweep = (tmp_path / "multirun" / "split").resolve()
     ids = sorted(e["job_id"] for e in recorded(sweep))
     assert len(ids) == 3 and len(arrays_of(ids)) == 2
-    states = wait_final(ids, 400)
+    states = wait_sacct_final(ids, 400)
     assert all(s.startswith("COMPLETED") for s in states), states
     folders = [RunFolder(p.parent) for p in sweep.glob("*/run.json")]
     assert len(folders) == 3 and all(f.status == "done" for f in folders)

@@ -28,6 +28,7 @@ from tests.support import (
     sacct_state,
     same_points,
     server_steps,
+    wait_sacct_final,
 )
 
 pytestmark = pytest.mark.slurm
@@ -50,17 +51,6 @@ def _array_ids(sweep: Path) -> list[str]:
             for line in (sweep / ".ncsweep-jobs.jsonl").read_text().splitlines()]
 
 
-def _wait_sacct_final(ids: list[str], limit: float = 60) -> list[str]:
-    """sacct lags the end of a job by 1-2 s: poll until every job has a final state."""
-    deadline = time.monotonic() + limit
-    states = [sacct_state(i) for i in ids]
-    while time.monotonic() < deadline and not all(s.startswith(FINAL) for s in states):
-        time.sleep(0.5)
-        states = [sacct_state(i) for i in ids]
-    return states
-
-
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
 
 
 def test_the_readme_cluster_command_runs_as_written(local_slurm: str, tmp_path: Path) -> None:
@@ -78,7 +68,7 @@ def test_the_readme_cluster_command_runs_as_written(local_slurm: str, tmp_path: 
     assert "no GPU" in resources and f"each {cpus} CPU(s)" in resources, resources
     watch = [ln for ln in result.stdout.splitlines() if re.match(r"ncsweep: slurm: \d+ done", ln)]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (done|running|pending|failed)", watch[-1])}
-    states = _wait_sacct_final(_array_ids(sweep))
+    states = wait_sacct_final(_array_ids(sweep))
     assert counts == {"done": sum(s.startswith("COMPLETED") for s in states), "running": 0,
                       "pending": 0, "failed": 0} and counts["done"] == 4, (watch, states)
 

@@ -17,6 +17,8 @@ from ncsweep.theory import (
     ufm_origin_min_eig,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 
 SETTINGS = [
@@ -32,15 +34,6 @@ POINTS = [
     pytest.param(4, 3, 1e-2, 1e-2, id="K4n3"),
     pytest.param(5, 4, 1e-2, 5e-3, id="K5n4"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny float64 problems run far faster without thread contention on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _labels(k: int, n: int) -> torch.Tensor:

@@ -25,6 +25,8 @@ from ncsweep.report.stats import event_rate_bound, seeds_needed
 from ncsweep.report.verdicts import ASSUMED_SD_PTS, read_verdicts
 from tests.test_report import BASE_FINALS, PNG_MAGIC, hand_sweep, write_folder
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SEEDS = range(5)
 BASE_ACC = (0.90, 0.91, 0.92, 0.93, 0.94)
 DIFFS_PTS = {"yes": (0.1, 0.0, 0.2, 0.1, 0.1), "no": (-2.0, -2.1, -1.9, -2.0, -2.0),
@@ -154,14 +156,6 @@ def test_a_single_landscape_cell_writes_every_file_and_its_bound(tmp_path: Path,
     assert (f"K=4, d={d}, ce: no spurious minimum in 1000 starts, so a random start lands in a "
             "spurious basin with probability at most 3/1000 = 0.3% (95%, rule of three); "
             "1 distinct final value(s) in one run") in md
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])

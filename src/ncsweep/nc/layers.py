@@ -145,18 +145,13 @@ class LayerMetrics:
                              "after the test batches: finish the train pass first")
         if final and distributed.is_distributed():
             raise ValueError("final=True is for one process: all_reduce changes the class means")
-        stats = self._stats(name)
         feats = as_tensor(features)
-        stats.update(feats, labels)
+        self._stats(name).update(feats, labels)
         if not final or self._kept is None:
             self._keep(name, feats, labels, copy)
             return
-        deviations = Deviations(stats.require_all_classes())
-        for kept, kept_labels in self._kept.pop(name):
-            deviations.update(kept, kept_labels, overwrite=True)
-            self._kept_bytes -= _nbytes(kept, kept_labels)
-        deviations.update(feats, labels, overwrite=not copy)
-        self._deviations[name] = deviations
+        self._deviations[name] = self._centre_kept(name)
+        self._deviations[name].update(feats, labels, overwrite=not copy)
 
     def update_train_ncc(self, features: Mapping[str, ArrayLike], labels: ArrayLike,
                          copy: bool = True) -> None:
@@ -281,13 +276,17 @@ class LayerMetrics:
                 f"update_train_ncc over the same train data before compute"
             )
         for name in missing:
-            deviations = Deviations(self._stats(name).require_all_classes())
-            for feats, labels in self._kept.pop(name):
-                deviations.update(feats, labels, overwrite=True)
-            self._deviations[name] = deviations
-        if missing:
-            self._kept_bytes = 0
+            self._deviations[name] = self._centre_kept(name)
         return self._deviations
+
+    def _centre_kept(self, name: str) -> Deviations:
+        """The block's ``Deviations`` over its kept batches, centred in place (they are this
+        object's), which are then let go."""
+        deviations = Deviations(self._stats(name).require_all_classes())
+        for feats, labels in self._kept.pop(name):
+            deviations.update(feats, labels, overwrite=True)
+            self._kept_bytes -= _nbytes(feats, labels)
+        return deviations
 
     def _test_everywhere(self) -> None:
         """Empty test tallies on a rank without test batches where another rank had some, so

@@ -3,7 +3,6 @@ minority-class measurements, summed over the ranks of a distributed run."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -133,8 +132,7 @@ def _split_metrics(model: nn.Module, loss_fn: nn.Module, split: Split, eval_batc
     k = model.head.weight.shape[0]
     per_class = torch.zeros((2, k), dtype=torch.long, device=device)  # correct, count
     start = 0
-    last = math.ceil(len(split) / min(eval_batch_size or len(split), len(split))) - 1 \
-        if len(split) else 0
+    last = (len(split) - 1) // (eval_batch_size or max(len(split), 1))  # the last batch's index
     for index, (x, y) in enumerate(batches(split, eval_batch_size)):
         if depth is not None:
             depth.before(y, prefix, last=index == last)
